@@ -1,0 +1,39 @@
+"""Install odm-basicsr.
+
+basicsr 1.4.2 ships only as an sdist whose build asks for torch. Install torch first, then this package with
+``--no-build-isolation`` so basicsr builds in seconds against the torch you already have (see README).
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name='odm-basicsr',
+    version='0.1.0',
+    description='ODM quantization-aware training of super-resolution networks as a BasicSR plugin',
+    long_description=open('README.md', encoding='utf-8').read(),
+    long_description_content_type='text/markdown',
+    python_requires='>=3.10,<3.13',
+    packages=find_packages(include=['odm_basicsr', 'odm_basicsr.*']),
+    include_package_data=True,
+    package_data={'odm_basicsr': ['options/*.yml']},
+    install_requires=[
+        'basicsr==1.4.2',  # brings tb-nightly (the tensorboard package); do not add `tensorboard` beside it
+        'torch>=2.1',
+        'torchvision',
+        'numpy',
+        'opencv-python',
+        'lmdb',
+        'pyyaml',
+        'scikit-image',  # embedded demo photos (skimage.data)
+        'scipy<2',  # basicsr 1.4.2 imports scipy.ndimage.filters, removed in SciPy 2
+        'tqdm',
+    ],
+    extras_require={
+        'test': ['pytest>=7', 'pytest-timeout', 'ruff'],
+    },
+    entry_points={
+        'console_scripts': [
+            'odm-train=odm_basicsr.train:main',
+            'odm-test=odm_basicsr.test:main',
+        ],
+    },
+)
