@@ -1,0 +1,131 @@
+"""``Quantized``: any BasicSR arch with selected layers swapped for quantized ones."""
+import difflib
+import inspect
+
+from basicsr.utils.registry import ARCH_REGISTRY
+
+from odm_basicsr.quant import (FP_BITS, ActQuantizer, WeightQuantizer, check_bits, quantizable_layers,
+                               quantized_layers, select_layers, swap_layers)
+
+from .layer_presets import LAYER_PRESETS, all_but_first_last
+
+
+class QuantizedNetwork:
+    """Mixed into the class of every network that :func:`Quantized` returns (``QuantizedEDSR`` etc.)."""
+
+    quant_config = None  # the options it was built with (a plain attribute, not part of the state dict)
+
+    def quantized_layers(self):
+        """``(name, module)`` pairs of the quantized layers."""
+        return quantized_layers(self)
+
+
+_CLASSES = {}
+
+
+def _quantized_class(cls):
+    if cls not in _CLASSES:
+        _CLASSES[cls] = type(f'Quantized{cls.__name__}', (QuantizedNetwork, cls), {'__module__': cls.__module__})
+    return _CLASSES[cls]
+
+
+def _suggest(name, choices):
+    close = difflib.get_close_matches(name, choices, n=3)
+    return f' Did you mean {close}?' if close else ''
+
+
+def build_inner_arch(arch):
+    """Build the FP network described by ``arch`` (``{'type': ..., **kwargs}``), rejecting unknown keys."""
+    if not isinstance(arch, dict) or 'type' not in arch:
+        raise ValueError(f'Quantized: "arch" must be a mapping with a "type" key (e.g. {{type: EDSR, ...}}), '
+                         f'got {arch!r}')
+    kwargs = dict(arch)
+    arch_type = kwargs.pop('type')
+    registered = sorted(ARCH_REGISTRY._obj_map)
+    if arch_type == 'Quantized':
+        raise ValueError('Quantized: "arch" must be an FP architecture, not Quantized itself')
+    if arch_type not in ARCH_REGISTRY:
+        raise ValueError(f'Quantized: unknown arch type {arch_type!r}.{_suggest(arch_type, registered)} '
+                         f'Registered archs: {", ".join(registered)}')
+    cls = ARCH_REGISTRY.get(arch_type)
+    params = inspect.signature(cls).parameters
+    named = [n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    unknown = [k for k in kwargs if k not in named]
+    if unknown:  # also for archs that swallow **kwargs (SwinIR), where a typo would be silently ignored
+        hint = ''.join(_suggest(k, named) for k in unknown)
+        raise ValueError(f'Quantized: unknown option(s) {unknown} for arch {arch_type}.{hint} '
+                         f'Accepted: {", ".join(named)}')
+    return cls(**kwargs)
+
+
+def resolve_layer_names(net, arch_type, layers='default', exclude=None):
+    """Names of the layers to quantize for ``layers`` = 'default' | 'all' | list of patterns."""
+    candidates = quantizable_layers(net)
+    if layers == 'default':
+        if arch_type not in LAYER_PRESETS:
+            raise ValueError(f'Quantized: no default layer set for arch {arch_type}; give "layers" as a list of '
+                             f'glob or "re:" patterns. Candidate layers: {", ".join(candidates)}')
+        layers = LAYER_PRESETS[arch_type]
+    elif layers == 'all':
+        layers = all_but_first_last(candidates)
+    return select_layers(net, layers, exclude or (), model_name=arch_type)
+
+
+@ARCH_REGISTRY.register()
+def Quantized(arch,
+              w_bits=4,
+              a_bits=4,
+              layers='default',
+              exclude=None,
+              act_init='percentile',
+              act_percentile=99.0,
+              act_learnable=True,
+              weight_granularity='layer',
+              weight_range='maxabs',
+              weight_percentile=99.0,
+              clip_correction=False,
+              **unknown):
+    """Build a registered BasicSR arch and quantize the selected convolution/linear layers.
+
+    The returned network is the inner arch itself (class ``Quantized<Arch>``), so its state-dict keys are the
+    FP arch's keys plus the quantizer entries: an FP checkpoint of the inner arch loads without renaming.
+
+    Args:
+        arch (dict): The FP network, as BasicSR's ``network_g``: ``{type: EDSR, upscale: 4, ...}``.
+        w_bits (int): Weight bits, 2..8, or 32 for FP. Default: 4.
+        a_bits (int): Input-activation bits, 2..8, or 32 for FP. Default: 4.
+        layers (str | list[str]): ``'default'`` (the arch's preset, see ``layer_presets.py``), ``'all'`` (every
+            Conv2d/Linear but the first and last), or glob / ``re:`` patterns on module names. Default: 'default'.
+        exclude (list[str]): Patterns removed from the selection. Default: None.
+        act_init (str): Activation range initialisation, ``'percentile'`` or ``'minmax'``. Default: 'percentile'.
+        act_percentile (float): Upper percentile p; the lower bound uses 100 - p. Default: 99.
+        act_learnable (bool): Learn the activation bounds. Default: True.
+        weight_granularity (str): ``'layer'`` or ``'channel'`` (per output channel). Default: 'layer'.
+        weight_range (str): ``'maxabs'`` or ``'percentile'`` of |W|. Default: 'maxabs'.
+        weight_percentile (float): Percentile of |W| for ``weight_range: percentile``. Default: 99.
+        clip_correction (bool): 2024 version's weight clipping correction (learnable factor on a percentile
+            range). Default: False.
+    """
+    if unknown:
+        accepted = [n for n in inspect.signature(Quantized).parameters if n != 'unknown']
+        hint = ''.join(_suggest(k, accepted) for k in unknown)
+        raise ValueError(f'Quantized: unknown option(s) {sorted(unknown)}.{hint} Accepted: {", ".join(accepted)}')
+    w_bits, a_bits = check_bits(w_bits, 'w_bits'), check_bits(a_bits, 'a_bits')
+    act_options = dict(init=act_init, init_percentile=act_percentile, learnable=bool(act_learnable))
+    weight_options = dict(granularity=weight_granularity, range_method=weight_range, percentile=weight_percentile,
+                          clip_correction=clip_correction)
+    ActQuantizer(4, **act_options), WeightQuantizer(4, **weight_options)  # validate options before building
+    if layers not in ('default', 'all') and not isinstance(layers, (list, tuple)):
+        raise ValueError(f'Quantized: layers must be "default", "all" or a list of patterns, got {layers!r}')
+
+    net = build_inner_arch(arch)
+    names = resolve_layer_names(net, arch['type'], layers, exclude)
+    if not names:
+        raise ValueError(f'Quantized: the layer selection for {arch["type"]} is empty (layers={layers!r}, '
+                         f'exclude={exclude!r})')
+    swap_layers(net, names, w_bits, a_bits, act_options, weight_options)
+    net.__class__ = _quantized_class(type(net))
+    net.quant_config = dict(arch=dict(arch), w_bits=w_bits, a_bits=a_bits, layers=names,
+                            fp=w_bits == FP_BITS and a_bits == FP_BITS, act_options=act_options,
+                            weight_options=weight_options)
+    return net

@@ -1,0 +1,41 @@
+"""Shared plumbing of the ``odm-train`` / ``odm-test`` entry points."""
+import os
+import sys
+
+
+def _normalise_argv(argv):
+    # torch.distributed.launch passes --local-rank (dash); BasicSR's parser only knows --local_rank.
+    return [a.replace('--local-rank', '--local_rank', 1) if a.startswith('--local-rank') else a for a in argv]
+
+
+def run_pipeline(pipeline_module, is_train, argv=None):
+    """Run BasicSR's ``train_pipeline`` / ``test_pipeline`` with this plugin registered.
+
+    Outputs (``experiments/``, ``results/``, ``tb_logger/``) go under the current directory. Options are checked
+    by :func:`odm_basicsr.utils.option_check.check_options` right after BasicSR parses them, before any folder is
+    created; a mistake ends the program with a one-line message and exit status 2.
+    """
+    import odm_basicsr  # noqa: F401  (compatibility fixes + registration, before basicsr is used)
+    from odm_basicsr.utils.option_check import OptionError, check_options
+
+    original_parse = pipeline_module.parse_options
+
+    def parse_and_check(root_path, is_train=is_train):
+        opt, args = original_parse(root_path, is_train=is_train)
+        if not is_train and isinstance(opt.get('val'), dict):
+            opt['val'].setdefault('suffix', None)  # BasicSR's test pipeline needs the key
+        check_options(opt, is_train)
+        return opt, args
+
+    sys.argv = [sys.argv[0]] + _normalise_argv(sys.argv[1:] if argv is None else list(argv))
+    opt_index = sys.argv.index('-opt') + 1 if '-opt' in sys.argv else None
+    if opt_index is not None and opt_index < len(sys.argv) and not os.path.isfile(sys.argv[opt_index]):
+        sys.exit(f'{os.path.basename(sys.argv[0])}: error: option file not found: {sys.argv[opt_index]}')
+    pipeline_module.parse_options = parse_and_check
+    try:
+        run = pipeline_module.train_pipeline if is_train else pipeline_module.test_pipeline
+        run(os.getcwd())
+    except OptionError as e:
+        sys.exit(f'{os.path.basename(sys.argv[0])}: error: {e}')
+    finally:
+        pipeline_module.parse_options = original_parse

@@ -1,0 +1,248 @@
+"""Make BasicSR 1.4.2 work with current software. Applied by ``import odm_basicsr``, before BasicSR is imported.
+
+What it changes (each item is a trap of BASICSR_NOTES.md):
+
+1. ``torchvision.transforms.functional_tensor`` (removed in torchvision 0.17, imported by basicsr) is provided as
+   a small stand-in module, so ``import basicsr`` works.
+2. Resume works without a GPU: ``basicsr.train.load_resume_state`` loads the ``.state`` file on the CPU (the
+   optimizer moves its state to the parameters' device) with ``weights_only=True``.
+3. EMA: ``BaseModel.model_ema`` also copies buffers (quantizer flags and scales, BatchNorm statistics) into
+   ``net_g_ema``, and starts the average of a quantizer range from its current value when the quantizer was
+   initialised after the EMA copy was made.
+4. Checkpoints: networks and training states are written atomically (temporary file + rename) and loaded with
+   ``weights_only=True``. Loading a network reports quantizer entries that an FP checkpoint lacks as expected;
+   any other mismatch with ``strict_load_g: true`` is an error naming the file and the keys.
+5. Distributed training on CPU: the ``pytorch`` launcher falls back to the ``gloo`` backend when CUDA is absent,
+   and DDP wraps CPU models without ``device_ids``.
+6. ``optim_g.type`` accepts Adam, AdamW, Adamax, SGD, RMSprop (1.4.2 only knows Adam).
+"""
+import os
+import sys
+import types
+
+import torch
+
+_APPLIED = False
+
+
+def install_functional_tensor_stub():
+    """Provide ``torchvision.transforms.functional_tensor`` where torchvision no longer has it."""
+    name = 'torchvision.transforms.functional_tensor'
+    if name in sys.modules:
+        return
+    try:
+        import torchvision.transforms.functional_tensor  # noqa: F401  (torchvision < 0.17)
+    except ImportError:
+        from torchvision.transforms import functional
+        stub = types.ModuleType(name)
+        stub.rgb_to_grayscale = functional.rgb_to_grayscale
+        sys.modules[name] = stub
+
+
+def atomic_torch_save(obj, path):
+    """``torch.save`` to a temporary file in the same folder, then rename it over ``path``."""
+    tmp = f'{path}.tmp{os.getpid()}'
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path):
+    """Load a checkpoint on the CPU with ``weights_only=True``; clear errors for a missing or unsafe file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'checkpoint file not found: {path}')
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # pickle.UnpicklingError and friends
+        raise RuntimeError(f'cannot load {path} with weights_only=True (it must hold only tensors and plain '
+                           f'Python values, as BasicSR checkpoints do): {e}') from e
+
+
+def _patch_resume():
+    import basicsr.train
+    from basicsr.utils import check_resume, scandir
+
+    def load_resume_state(opt):
+        """BasicSR's resume-state loader, loading on the CPU so that it works without a GPU."""
+        resume_state_path = None
+        if opt['auto_resume']:
+            state_path = os.path.join('experiments', opt['name'], 'training_states')
+            if os.path.isdir(state_path):
+                states = list(scandir(state_path, suffix='state', recursive=False, full_path=False))
+                if states:
+                    latest = max(float(v.split('.state')[0]) for v in states)
+                    resume_state_path = os.path.join(state_path, f'{latest:.0f}.state')
+                    opt['path']['resume_state'] = resume_state_path
+        elif opt['path'].get('resume_state'):
+            resume_state_path = opt['path']['resume_state']
+        if resume_state_path is None:
+            return None
+        resume_state = load_checkpoint(resume_state_path)
+        check_resume(opt, resume_state['iter'])
+        return resume_state
+
+    basicsr.train.load_resume_state = load_resume_state
+
+
+def _patch_base_model():
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    from basicsr.models.base_model import BaseModel
+    from basicsr.utils import get_root_logger
+    from basicsr.utils.dist_util import master_only
+
+    from odm_basicsr.quant import ActQuantizer, quantizer_state_keys
+
+    def model_ema(self, decay=0.999):
+        """EMA of parameters, plus a copy of every buffer (BasicSR 1.4.2 averages parameters only)."""
+        net_g = self.get_bare_model(self.net_g)
+        src_params = dict(net_g.named_parameters())
+        src_buffers = dict(net_g.named_buffers())
+        src_modules = dict(net_g.named_modules())
+        fresh = []  # quantizers initialised in net_g after net_g_ema was copied: their average starts now
+        for name, q in self.net_g_ema.named_modules():
+            if isinstance(q, ActQuantizer) and not bool(q.initialized) and bool(src_modules[name].initialized):
+                fresh.append(f'{name}.')
+        with torch.no_grad():
+            for k, p in self.net_g_ema.named_parameters():
+                if any(k.startswith(f) for f in fresh):
+                    p.copy_(src_params[k])
+                else:
+                    p.mul_(decay).add_(src_params[k], alpha=1 - decay)
+            for k, b in self.net_g_ema.named_buffers():
+                b.copy_(src_buffers[k])
+
+    @master_only
+    def save_network(self, net, net_label, current_iter, param_key='params'):
+        """BasicSR's save_network, written atomically."""
+        current_iter = 'latest' if current_iter == -1 else current_iter
+        save_path = os.path.join(self.opt['path']['models'], f'{net_label}_{current_iter}.pth')
+        nets = net if isinstance(net, list) else [net]
+        keys = param_key if isinstance(param_key, list) else [param_key]
+        if len(nets) != len(keys):
+            raise ValueError('The lengths of net and param_key should be the same.')
+        save_dict = {}
+        for net_, key in zip(nets, keys):
+            state_dict = self.get_bare_model(net_).state_dict()
+            save_dict[key] = {k[7:] if k.startswith('module.') else k: v.cpu() for k, v in state_dict.items()}
+        atomic_torch_save(save_dict, save_path)
+
+    @master_only
+    def save_training_state(self, epoch, current_iter):
+        """BasicSR's save_training_state, written atomically (after the network file it refers to)."""
+        if current_iter == -1:
+            return
+        state = {'epoch': epoch, 'iter': current_iter,
+                 'optimizers': [o.state_dict() for o in self.optimizers],
+                 'schedulers': [s.state_dict() for s in self.schedulers]}
+        state.update(self.extra_training_state() if hasattr(self, 'extra_training_state') else {})
+        atomic_torch_save(state, os.path.join(self.opt['path']['training_states'], f'{current_iter}.state'))
+
+    def load_network(self, net, load_path, strict=True, param_key='params'):
+        """Load ``param_key`` of ``load_path`` into ``net``.
+
+        Quantizer entries that the checkpoint lacks (an FP checkpoint) are expected; with ``strict`` every
+        other missing, unexpected or differently shaped key is an error.
+        """
+        logger = get_root_logger()
+        net = self.get_bare_model(net)
+        ckpt = load_checkpoint(load_path)
+        if param_key is not None and isinstance(ckpt, dict) and param_key in ckpt:
+            state = ckpt[param_key]
+        elif param_key is not None and isinstance(ckpt, dict) and 'params' in ckpt:
+            logger.info(f'Loading: {param_key} does not exist in {load_path}, use params.')
+            param_key, state = 'params', ckpt['params']
+        elif isinstance(ckpt, dict) and ckpt and all(torch.is_tensor(v) for v in ckpt.values()):
+            state = ckpt  # a bare state dict
+        else:
+            found = list(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
+            raise KeyError(f'{load_path} has no "{param_key}" entry (found: {found})')
+        state = {k[7:] if k.startswith('module.') else k: v for k, v in state.items()}
+        own = net.state_dict()
+        quant_keys = set(quantizer_state_keys(net))
+        missing = sorted(set(own) - set(state) - quant_keys)
+        expected_missing = sorted((set(own) - set(state)) & quant_keys)
+        unexpected = sorted(set(state) - set(own))
+        mismatched = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+        name = type(net).__name__
+        if strict and (missing or unexpected or mismatched):
+            parts = []
+            for label, keys in (('missing', missing), ('unexpected', unexpected), ('shape mismatch', mismatched)):
+                if keys:
+                    shown = ', '.join(keys[:8]) + (', ...' if len(keys) > 8 else '')
+                    parts.append(f'{len(keys)} {label} ({shown})')
+            raise RuntimeError(f'checkpoint {load_path} [{param_key}] does not fit network {name}: '
+                               + '; '.join(parts) + '. Is it a checkpoint of another network? '
+                               'Set path.strict_load_g: false to load the matching part only.')
+        for k in mismatched:
+            logger.warning(f'Size different, ignore [{k}]: net {tuple(own[k].shape)}; ckpt {tuple(state[k].shape)}')
+            state.pop(k)
+        if missing or unexpected:
+            logger.warning(f'Loading {load_path} non-strictly: {len(missing)} keys missing, '
+                           f'{len(unexpected)} unexpected: {(missing + unexpected)[:8]}')
+        if expected_missing:
+            logger.info(f'{len(expected_missing)} quantizer entries are not in {load_path} (an FP checkpoint): '
+                        'the quantizers will be initialised from data.')
+        net.load_state_dict(state, strict=False)
+        logger.info(f'Loaded {name} from {load_path} [{param_key}].')
+
+    def model_to_device(self, net):
+        """Move to the device; wrap with DDP (also on CPU, for the gloo backend) or DataParallel."""
+        net = net.to(self.device)
+        if self.opt['dist']:
+            device_ids = [torch.cuda.current_device()] if self.device.type == 'cuda' else None
+            net = DistributedDataParallel(
+                net, device_ids=device_ids, find_unused_parameters=self.opt.get('find_unused_parameters', False))
+        elif self.opt['num_gpu'] > 1:
+            net = DataParallel(net)
+        return net
+
+    optimizers = {'Adam': torch.optim.Adam, 'AdamW': torch.optim.AdamW, 'Adamax': torch.optim.Adamax,
+                  'SGD': torch.optim.SGD, 'RMSprop': torch.optim.RMSprop}
+
+    def get_optimizer(self, optim_type, params, lr, **kwargs):
+        if optim_type not in optimizers:
+            raise NotImplementedError(f'optimizer {optim_type} is not supported; use one of {list(optimizers)}')
+        return optimizers[optim_type](params, lr, **kwargs)
+
+    BaseModel.model_ema = model_ema
+    BaseModel.save_network = save_network
+    BaseModel.save_training_state = save_training_state
+    BaseModel.load_network = load_network
+    BaseModel.model_to_device = model_to_device
+    BaseModel.get_optimizer = get_optimizer
+
+
+def _patch_distributed():
+    import torch.distributed as dist
+
+    import basicsr.utils.dist_util as dist_util
+
+    def _init_dist_pytorch(backend, **kwargs):
+        """torchrun / torch.distributed launcher: NCCL on GPUs, gloo where CUDA is absent."""
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ['RANK']) % torch.cuda.device_count())
+        else:
+            backend = 'gloo'
+        dist.init_process_group(backend=backend, **kwargs)
+
+    dist_util._init_dist_pytorch = _init_dist_pytorch
+
+
+def apply_compat():
+    """Apply every fix above once. Safe to call again."""
+    global _APPLIED
+    if _APPLIED:
+        return
+    install_functional_tensor_stub()
+    import warnings
+    with warnings.catch_warnings():  # scipy.ndimage.filters, torchvision deprecations inside basicsr
+        warnings.simplefilter('ignore', DeprecationWarning)
+        import basicsr  # noqa: F401
+    _patch_resume()
+    _patch_base_model()
+    _patch_distributed()
+    _APPLIED = True

@@ -1,0 +1,103 @@
+"""Quantized convolution and linear layers.
+
+They subclass ``nn.Conv2d`` / ``nn.Linear`` and keep their ``weight`` and ``bias`` state-dict keys, so an FP
+checkpoint of the original network loads into the quantized one unchanged. The quantizer state lives in the
+sub-modules ``act_quant`` and ``weight_quant`` (and ``offset`` when distribution offsets are used).
+"""
+import torch.nn.functional as F
+from torch import nn
+
+from .fake_quant import FP_BITS, check_bits
+from .quantizers import ActQuantizer, WeightQuantizer
+
+
+class QuantizedLayerMixin:
+    """Shared machinery: quantize the input activation and the weight before the FP operation."""
+
+    #: Dimension that holds the channels of the layer's input (conv: 1 of NCHW; linear: last).
+    channel_dim = 1
+
+    def _setup_quantizers(self, w_bits, a_bits, act_options=None, weight_options=None):
+        self.w_bits = check_bits(w_bits, 'w_bits')
+        self.a_bits = check_bits(a_bits, 'a_bits')
+        self.act_quant = None if self.a_bits == FP_BITS else ActQuantizer(self.a_bits, **(act_options or {}))
+        self.weight_quant = None if self.w_bits == FP_BITS else WeightQuantizer(self.w_bits, **(weight_options or {}))
+        self.offset = None
+
+    def quantize_input(self, x):
+        """The activation the FP operation sees: ``rho * q((x - delta) / rho) + delta`` (offsets optional)."""
+        if self.offset is not None:
+            x = self.offset.normalize(x, self.channel_dim)
+        if self.act_quant is not None:
+            x = self.act_quant(x)
+        if self.offset is not None:
+            x = self.offset.denormalize(x, self.channel_dim)
+        return x
+
+    def quantized_weight(self):
+        return self.weight if self.weight_quant is None else self.weight_quant(self.weight)
+
+    @classmethod
+    def from_float(cls, module, w_bits, a_bits, act_options=None, weight_options=None):
+        """Build the quantized twin of ``module``, sharing its weight and bias tensors."""
+        raise NotImplementedError
+
+    def _finish_from_float(self, module, w_bits, a_bits, act_options, weight_options):
+        self.weight = module.weight
+        self.bias = module.bias
+        self._setup_quantizers(w_bits, a_bits, act_options, weight_options)
+        self.train(module.training)
+        return self
+
+
+class QConv2d(QuantizedLayerMixin, nn.Conv2d):
+    """``nn.Conv2d`` that quantizes its input activation (``a_bits``) and weight (``w_bits``)."""
+
+    channel_dim = 1
+
+    def __init__(self, *args, w_bits=4, a_bits=4, act_options=None, weight_options=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._setup_quantizers(w_bits, a_bits, act_options, weight_options)
+
+    @classmethod
+    def from_float(cls, module, w_bits, a_bits, act_options=None, weight_options=None):
+        q = cls.__new__(cls)
+        nn.Conv2d.__init__(
+            q, module.in_channels, module.out_channels, module.kernel_size, stride=module.stride,
+            padding=module.padding, dilation=module.dilation, groups=module.groups, bias=module.bias is not None,
+            padding_mode=module.padding_mode, device=module.weight.device, dtype=module.weight.dtype)
+        return q._finish_from_float(module, w_bits, a_bits, act_options, weight_options)
+
+    def forward(self, x):
+        return self._conv_forward(self.quantize_input(x), self.quantized_weight(), self.bias)
+
+    def extra_repr(self):
+        return super().extra_repr() + f', w_bits={self.w_bits}, a_bits={self.a_bits}'
+
+
+class QLinear(QuantizedLayerMixin, nn.Linear):
+    """``nn.Linear`` that quantizes its input activation (``a_bits``) and weight (``w_bits``)."""
+
+    channel_dim = -1
+
+    def __init__(self, *args, w_bits=4, a_bits=4, act_options=None, weight_options=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._setup_quantizers(w_bits, a_bits, act_options, weight_options)
+
+    @classmethod
+    def from_float(cls, module, w_bits, a_bits, act_options=None, weight_options=None):
+        q = cls.__new__(cls)
+        nn.Linear.__init__(
+            q, module.in_features, module.out_features, bias=module.bias is not None, device=module.weight.device,
+            dtype=module.weight.dtype)
+        return q._finish_from_float(module, w_bits, a_bits, act_options, weight_options)
+
+    def forward(self, x):
+        return F.linear(self.quantize_input(x), self.quantized_weight(), self.bias)
+
+    def extra_repr(self):
+        return super().extra_repr() + f', w_bits={self.w_bits}, a_bits={self.a_bits}'
+
+
+QUANTIZABLE_TYPES = {nn.Conv2d: QConv2d, nn.Linear: QLinear}
+QUANTIZED_TYPES = (QConv2d, QLinear)

@@ -1,0 +1,16 @@
+"""``odm-test -opt X.yml`` (or ``python -m odm_basicsr.test``): BasicSR's test pipeline with this plugin.
+
+``val.suffix`` may be omitted (BasicSR 1.4.2 requires it).
+"""
+
+
+def main(argv=None):
+    import odm_basicsr  # noqa: F401
+    import basicsr.test
+
+    from odm_basicsr.cli import run_pipeline
+    run_pipeline(basicsr.test, is_train=False, argv=argv)
+
+
+if __name__ == '__main__':
+    main()

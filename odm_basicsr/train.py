@@ -1,0 +1,16 @@
+"""``odm-train -opt X.yml`` (or ``python -m odm_basicsr.train``): BasicSR's training pipeline with this plugin.
+
+Accepts BasicSR's flags: ``--launcher none|pytorch|slurm``, ``--auto_resume``, ``--debug``, ``--force_yml``.
+"""
+
+
+def main(argv=None):
+    import odm_basicsr  # noqa: F401
+    import basicsr.train
+
+    from odm_basicsr.cli import run_pipeline
+    run_pipeline(basicsr.train, is_train=True, argv=argv)
+
+
+if __name__ == '__main__':
+    main()

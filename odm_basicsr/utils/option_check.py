@@ -1,0 +1,129 @@
+"""Fail fast on option-file mistakes, before BasicSR creates folders or builds anything.
+
+BasicSR 1.4.2 reads option files leniently: a misspelt key is silently ignored or crashes deep inside training.
+:func:`check_options` runs on the parsed options and raises :class:`OptionError` naming the problem.
+Unknown keys that look like a misspelling of a known key are errors; other unknown keys (options of other
+BasicSR plugins' models) are allowed.
+"""
+import difflib
+import os
+import re
+
+from basicsr.utils.registry import ARCH_REGISTRY, DATASET_REGISTRY, LOSS_REGISTRY, METRIC_REGISTRY, MODEL_REGISTRY
+
+
+class OptionError(ValueError):
+    """An option file is wrong; the message names the key."""
+
+
+KNOWN_KEYS = {
+    '': {'name', 'model_type', 'scale', 'num_gpu', 'manual_seed', 'datasets', 'network_g', 'network_d', 'path',
+         'train', 'val', 'logger', 'dist_params', 'find_unused_parameters', 'dist', 'rank', 'world_size',
+         'auto_resume', 'is_train', 'root_path'},
+    'train': {'ema_decay', 'optim_g', 'optim_d', 'scheduler', 'total_iter', 'warmup_iter', 'pixel_opt',
+              'perceptual_opt', 'gan_opt', 'ldl_opt', 'net_d_iters', 'net_d_init_iters'},
+    'val': {'val_freq', 'save_img', 'suffix', 'pbar', 'metrics'},
+    'logger': {'print_freq', 'save_checkpoint_freq', 'use_tb_logger', 'wandb'},
+    'path': {'pretrain_network_g', 'param_key_g', 'strict_load_g', 'resume_state', 'ignore_resume_networks',
+             'pretrain_network_d', 'param_key_d', 'strict_load_d', 'experiments_root', 'models',
+             'training_states', 'log', 'visualization', 'results_root'},
+}
+OPTIMIZERS = ('Adam', 'AdamW', 'Adamax', 'SGD', 'RMSprop')
+SCHEDULERS = ('MultiStepLR', 'MultiStepRestartLR', 'CosineAnnealingRestartLR')
+_FLOAT_STRING = re.compile(r'^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$')
+
+
+def _check_keys(section, where, extra=()):
+    known = KNOWN_KEYS[where] | set(extra)
+    for key in section:
+        if key in known:
+            continue
+        close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.8)
+        if close:
+            label = f'{where}.{key}' if where else key
+            raise OptionError(f'unknown option "{label}": did you mean "{close[0]}"?')
+
+
+def _check_float_strings(node, path=''):
+    """PyYAML reads 2e-4 as a string (YAML 1.1): catch it before torch does."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            _check_float_strings(v, f'{path}.{k}' if path else str(k))
+    elif isinstance(node, (list, tuple)):
+        for i, v in enumerate(node):
+            _check_float_strings(v, f'{path}[{i}]')
+    elif isinstance(node, str) and _FLOAT_STRING.match(node):
+        raise OptionError(f'option "{path}" is the string {node!r}: PyYAML reads this notation as text. '
+                          f'Write !!float {node} or {float(node)!r}')
+
+
+def _check_registered(registry, type_name, key):
+    if type_name is None:
+        raise OptionError(f'option "{key}" is missing')
+    if type_name not in registry:
+        names = sorted(registry._obj_map)
+        close = difflib.get_close_matches(str(type_name), names, n=3)
+        hint = f' Did you mean {close}?' if close else ''
+        raise OptionError(f'option "{key}": {type_name!r} is not a registered {registry._name}.{hint} '
+                          f'Registered: {", ".join(names)}')
+
+
+def _check_file(path, key):
+    if path is not None and not os.path.isfile(path):
+        raise OptionError(f'option "path.{key}": file not found: {path}')
+
+
+def check_options(opt, is_train=True):
+    """Validate the options that BasicSR's ``parse_options`` returned. Raises :class:`OptionError`."""
+    _check_float_strings({k: v for k, v in opt.items() if k != 'name'})
+    model_cls = MODEL_REGISTRY.get(opt['model_type']) if opt.get('model_type') in MODEL_REGISTRY else None
+    extra = getattr(model_cls, 'extra_option_keys', {})
+    _check_keys(opt, '')
+    for section in ('train', 'val', 'logger', 'path'):
+        if isinstance(opt.get(section), dict):
+            _check_keys(opt[section], section, extra.get(section, ()))
+    if 'num_gpu' not in opt:
+        raise OptionError('option "num_gpu" is missing (0 = CPU, "auto" = all visible GPUs)')
+    _check_registered(MODEL_REGISTRY, opt.get('model_type'), 'model_type')
+    for name, ds in (opt.get('datasets') or {}).items():
+        if name.split('_')[0] not in ('train', 'val', 'test'):
+            raise OptionError(f'dataset "{name}": the key must start with train, val or test')
+        _check_registered(DATASET_REGISTRY, ds.get('type'), f'datasets.{name}.type')
+        if (ds.get('io_backend') or {}).get('type', 'disk') == 'disk':
+            for key in ('dataroot_gt', 'dataroot_lq'):
+                if ds.get(key) is not None and not os.path.isdir(ds[key]):
+                    raise OptionError(f'option "datasets.{name}.{key}": folder not found: {ds[key]}')
+    network = opt.get('network_g')
+    if not isinstance(network, dict):
+        raise OptionError('option "network_g" is missing')
+    _check_registered(ARCH_REGISTRY, network.get('type'), 'network_g.type')
+    try:
+        from basicsr.archs import build_network
+        build_network(network)
+    except (ValueError, TypeError) as e:
+        raise OptionError(f'network_g: {e}') from e
+    path = opt.get('path') or {}
+    resuming = bool(path.get('resume_state')) or opt.get('auto_resume')
+    if not resuming:
+        _check_file(path.get('pretrain_network_g'), 'pretrain_network_g')
+    _check_file(path.get('resume_state'), 'resume_state')
+    if is_train:
+        _check_train(opt.get('train') or {})
+    for name, metric in ((opt.get('val') or {}).get('metrics') or {}).items():
+        _check_registered(METRIC_REGISTRY, metric.get('type'), f'val.metrics.{name}.type')
+    if model_cls is not None and hasattr(model_cls, 'check_options'):
+        model_cls.check_options(opt, is_train)
+
+
+def _check_train(train):
+    optim = train.get('optim_g')
+    if optim is not None and optim.get('type') not in OPTIMIZERS:
+        raise OptionError(f'option "train.optim_g.type": {optim.get("type")!r} is not one of {list(OPTIMIZERS)}')
+    sched = train.get('scheduler')
+    if sched is not None and sched.get('type') not in SCHEDULERS:
+        raise OptionError(f'option "train.scheduler.type": {sched.get("type")!r} is not one of {list(SCHEDULERS)}')
+    for key, value in train.items():
+        if key.endswith('_opt') and isinstance(value, dict):
+            _check_registered(LOSS_REGISTRY, value.get('type'), f'train.{key}.type')
+    if 'total_iter' not in train:
+        raise OptionError('option "train.total_iter" is missing')
