@@ -8,7 +8,7 @@ def _normalise_argv(argv):
     return [a.replace('--local-rank', '--local_rank', 1) if a.startswith('--local-rank') else a for a in argv]
 
 
-def run_pipeline(pipeline_module, is_train, argv=None):
+def run_pipeline(is_train, argv=None):
     """Run BasicSR's ``train_pipeline`` / ``test_pipeline`` with this plugin registered.
 
     Outputs (``experiments/``, ``results/``, ``tb_logger/``) go under the current directory. Options are checked
@@ -17,6 +17,11 @@ def run_pipeline(pipeline_module, is_train, argv=None):
     """
     import odm_basicsr  # noqa: F401  (compatibility fixes + registration, before basicsr is used)
     from odm_basicsr.utils.option_check import OptionError, check_options
+
+    if is_train:
+        import basicsr.train as pipeline_module
+    else:
+        import basicsr.test as pipeline_module
 
     original_parse = pipeline_module.parse_options
 

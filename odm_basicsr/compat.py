@@ -88,11 +88,10 @@ def _patch_resume():
 
 
 def _patch_base_model():
-    from torch.nn.parallel import DataParallel, DistributedDataParallel
-
     from basicsr.models.base_model import BaseModel
     from basicsr.utils import get_root_logger
     from basicsr.utils.dist_util import master_only
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
 
     from odm_basicsr.quant import ActQuantizer, quantizer_state_keys
 
@@ -217,9 +216,8 @@ def _patch_base_model():
 
 
 def _patch_distributed():
-    import torch.distributed as dist
-
     import basicsr.utils.dist_util as dist_util
+    import torch.distributed as dist
 
     def _init_dist_pytorch(backend, **kwargs):
         """torchrun / torch.distributed launcher: NCCL on GPUs, gloo where CUDA is absent."""

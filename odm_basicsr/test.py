@@ -5,11 +5,9 @@
 
 
 def main(argv=None):
-    import odm_basicsr  # noqa: F401
-    import basicsr.test
+    from odm_basicsr.cli import run_pipeline  # importing odm_basicsr first makes basicsr importable
 
-    from odm_basicsr.cli import run_pipeline
-    run_pipeline(basicsr.test, is_train=False, argv=argv)
+    run_pipeline(is_train=False, argv=argv)
 
 
 if __name__ == '__main__':

@@ -5,11 +5,9 @@ Accepts BasicSR's flags: ``--launcher none|pytorch|slurm``, ``--auto_resume``, `
 
 
 def main(argv=None):
-    import odm_basicsr  # noqa: F401
-    import basicsr.train
+    from odm_basicsr.cli import run_pipeline  # importing odm_basicsr first makes basicsr importable
 
-    from odm_basicsr.cli import run_pipeline
-    run_pipeline(basicsr.train, is_train=True, argv=argv)
+    run_pipeline(is_train=True, argv=argv)
 
 
 if __name__ == '__main__':

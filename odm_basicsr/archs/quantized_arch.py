@@ -4,8 +4,16 @@ import inspect
 
 from basicsr.utils.registry import ARCH_REGISTRY
 
-from odm_basicsr.quant import (FP_BITS, ActQuantizer, WeightQuantizer, check_bits, quantizable_layers,
-                               quantized_layers, select_layers, swap_layers)
+from odm_basicsr.quant import (
+    FP_BITS,
+    ActQuantizer,
+    WeightQuantizer,
+    check_bits,
+    quantizable_layers,
+    quantized_layers,
+    select_layers,
+    swap_layers,
+)
 
 from .layer_presets import LAYER_PRESETS, all_but_first_last
 

@@ -124,7 +124,8 @@ class RDN(nn.Module):
             if len(rgb_mean) != num_in_ch or num_in_ch != num_out_ch:
                 raise ValueError(f'rgb_mean needs num_in_ch == num_out_ch == len(rgb_mean), got {len(rgb_mean)} '
                                  f'means for {num_in_ch} -> {num_out_ch} channels.')
-            self.register_buffer('mean', torch.tensor(rgb_mean, dtype=torch.float32).view(1, -1, 1, 1))
+            mean = torch.tensor(rgb_mean, dtype=torch.float32).view(1, -1, 1, 1)
+            self.register_buffer('mean', mean, persistent=False)
 
         # shallow feature extraction
         self.sfe1 = nn.Conv2d(num_in_ch, num_feat, 3, 1, 1)
