@@ -97,9 +97,9 @@ def check_options(opt, is_train=True):
     if not isinstance(network, dict):
         raise OptionError('option "network_g" is missing')
     _check_registered(ARCH_REGISTRY, network.get('type'), 'network_g.type')
-    try:
-        from basicsr.archs import build_network
-        build_network(network)
+    try:  # not basicsr's build_network: its logging would set up BasicSR's logger before the log file exists
+        kwargs = {k: v for k, v in network.items() if k != 'type'}
+        ARCH_REGISTRY.get(network['type'])(**kwargs)
     except (ValueError, TypeError) as e:
         raise OptionError(f'network_g: {e}') from e
     path = opt.get('path') or {}
