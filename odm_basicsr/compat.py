@@ -15,14 +15,49 @@ What it changes (each item is a trap of BASICSR_NOTES.md):
 5. Distributed training on CPU: the ``pytorch`` launcher falls back to the ``gloo`` backend when CUDA is absent,
    and DDP wraps CPU models without ``device_ids``.
 6. ``optim_g.type`` accepts Adam, AdamW, Adamax, SGD, RMSprop (1.4.2 only knows Adam).
+7. Exact resume: training states also hold the random-number-generator states (Python, NumPy, torch), and a
+   resumed run skips the batches of the current epoch that were already used, so that resuming gives the same
+   weights as an uninterrupted run (exact on the CPU with ``num_worker_per_gpu: 0``; data-loading workers reseed
+   themselves at each epoch start, so with workers the augmentations after a resume differ).
 """
+import itertools
 import os
+import random
 import sys
 import types
 
+import numpy as np
 import torch
 
 _APPLIED = False
+_RESUMED = {}  # iteration and epoch of the state that load_resume_state returned
+
+
+def rng_state():
+    """Python, NumPy and torch RNG states as weights-only-safe values (tensors, ints, tuples)."""
+    np_state = np.random.get_state()
+    state = {'python': random.getstate(), 'torch': torch.get_rng_state(),
+             'numpy': (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(_plain, np_state[2:]))}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _plain(v):
+    return v.item() if hasattr(v, 'item') else v
+
+
+def set_rng_state(state):
+    random.setstate(_as_tuple(state['python']))
+    torch.set_rng_state(state['torch'])
+    name, keys, *rest = state['numpy']
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+def _as_tuple(v):
+    return tuple(_as_tuple(x) for x in v) if isinstance(v, (list, tuple)) else v
 
 
 def install_functional_tensor_stub():
@@ -82,9 +117,37 @@ def _patch_resume():
             return None
         resume_state = load_checkpoint(resume_state_path)
         check_resume(opt, resume_state['iter'])
+        _RESUMED.update(iter=resume_state['iter'], epoch=resume_state['epoch'])
         return resume_state
 
+    original_create = basicsr.train.create_train_val_dataloader
+
+    def create_train_val_dataloader(opt, logger):
+        """BasicSR's loaders; after a resume the sampler skips the batches of this epoch already used."""
+        result = original_create(opt, logger)
+        train_loader, train_sampler = result[0], result[1]
+        if _RESUMED and train_sampler is not None:
+            per_epoch = len(train_loader)
+            used = _RESUMED['iter'] - _RESUMED['epoch'] * per_epoch
+            if 0 < used <= per_epoch:
+                train_sampler.skip_samples = used * train_loader.batch_size
+        _RESUMED.clear()
+        return result
+
     basicsr.train.load_resume_state = load_resume_state
+    basicsr.train.create_train_val_dataloader = create_train_val_dataloader
+
+
+def _patch_sampler():
+    from basicsr.data.data_sampler import EnlargedSampler
+
+    original_iter = EnlargedSampler.__iter__
+
+    def __iter__(self):
+        skip, self.skip_samples = getattr(self, 'skip_samples', 0), 0
+        return itertools.islice(original_iter(self), skip, None)
+
+    EnlargedSampler.__iter__ = __iter__
 
 
 def _patch_base_model():
@@ -137,7 +200,7 @@ def _patch_base_model():
         state = {'epoch': epoch, 'iter': current_iter,
                  'optimizers': [o.state_dict() for o in self.optimizers],
                  'schedulers': [s.state_dict() for s in self.schedulers]}
-        state.update(self.extra_training_state() if hasattr(self, 'extra_training_state') else {})
+        state['rng'] = rng_state()
         atomic_torch_save(state, os.path.join(self.opt['path']['training_states'], f'{current_iter}.state'))
 
     def load_network(self, net, load_path, strict=True, param_key='params'):
@@ -212,7 +275,16 @@ def _patch_base_model():
     BaseModel.save_training_state = save_training_state
     BaseModel.load_network = load_network
     BaseModel.model_to_device = model_to_device
+    original_resume = BaseModel.resume_training
+
+    def resume_training(self, resume_state):
+        """BasicSR's resume_training, plus the RNG states saved with the training state."""
+        original_resume(self, resume_state)
+        if 'rng' in resume_state:
+            set_rng_state(resume_state['rng'])
+
     BaseModel.get_optimizer = get_optimizer
+    BaseModel.resume_training = resume_training
 
 
 def _patch_distributed():
@@ -241,6 +313,7 @@ def apply_compat():
         warnings.simplefilter('ignore', DeprecationWarning)
         import basicsr  # noqa: F401
     _patch_resume()
+    _patch_sampler()
     _patch_base_model()
     _patch_distributed()
     _APPLIED = True

@@ -1,0 +1,22 @@
+"""ODM training math in plain PyTorch (no BasicSR import): gradient cooperation (METHOD.md 4.2)."""
+from odm_basicsr.odm.cooperation import (
+    COOPERATION_MODES,
+    CooperativeGradient,
+    all_reduce_mean_,
+    check_mode,
+    cooperative_feature,
+    cosine_combine,
+    gate_param_grads,
+    sign_gate,
+)
+
+__all__ = [
+    'COOPERATION_MODES',
+    'CooperativeGradient',
+    'all_reduce_mean_',
+    'check_mode',
+    'cooperative_feature',
+    'cosine_combine',
+    'gate_param_grads',
+    'sign_gate',
+]

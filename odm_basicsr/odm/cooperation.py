@@ -1,0 +1,242 @@
+"""Gradient cooperation between the reconstruction and the regularisation gradient (METHOD.md 2 and 4.2).
+
+``g_r`` is the reconstruction gradient, ``g_v`` the (already weighted) regularisation gradient.
+
+- ``feature`` mode: :func:`cooperative_feature` wraps each quantized layer's input; during the single backward
+  pass it replaces the incoming gradient ``g_r`` by ``sign_gate(g_r, g_v)`` with ``g_v`` in closed form.
+- ``param`` mode: two backward passes give per-parameter ``g_r`` and ``g_v``; :func:`gate_param_grads`.
+- ``cosine`` mode (version 2): :func:`cosine_combine`.
+- ``naive`` mode: ``g_r + g_v`` (plain sum of the two losses); ``off``: no regularisation at all.
+
+Under distributed training, average ``g_r`` and ``g_v`` with :func:`all_reduce_mean_` before ``param`` or
+``cosine`` combine them, so that every rank takes the same decision.
+
+Plain PyTorch: nothing in ``odm_basicsr.odm`` imports BasicSR.
+"""
+import torch
+import torch.distributed as dist
+
+COOPERATION_MODES = ('feature', 'param', 'cosine', 'naive', 'off')
+
+
+def check_mode(mode):
+    """Return ``mode`` if it is one of :data:`COOPERATION_MODES`, else raise a ValueError listing them."""
+    if mode not in COOPERATION_MODES:
+        raise ValueError(f'cooperation mode must be one of {COOPERATION_MODES}, got {mode!r}')
+    return mode
+
+
+def _gate_counts(g_r, g_v):
+    """``sign_gate`` plus the raw counts (agreeing elements, elements with ``g_v != 0``) as 0-d int64 tensors."""
+    if g_r.shape != g_v.shape:
+        raise ValueError(f'g_r shape {tuple(g_r.shape)} and g_v shape {tuple(g_v.shape)} differ')
+    g_v = g_v.to(g_r.dtype)
+    active = g_v != 0
+    agree = (torch.sign(g_v) == torch.sign(g_r)) & active
+    combined = torch.where(agree, g_r + g_v, g_r)  # g_v == 0 adds nothing, so this equals g_r + g_v * [agree]
+    return combined, agree.sum(), active.sum()
+
+
+def _fraction(n_agree, n_active):
+    """``n_agree / n_active`` as a 0-d float32 tensor, 0 when ``n_active`` is 0 (no host sync)."""
+    return n_agree.to(torch.float32) / n_active.clamp_min(1).to(torch.float32)
+
+
+def sign_gate(g_r, g_v):
+    """Add ``g_v`` to ``g_r`` only where both have the same sign, element by element.
+
+    ``combined = g_r + g_v * [sign(g_v) == sign(g_r)]``. Where ``g_r == 0`` and ``g_v != 0`` the signs differ,
+    so ``g_v`` is dropped there.
+
+    The agree fraction (the logged "cooperation ratio") counts only elements where ``g_v != 0``: where the
+    regulariser has no gradient there is nothing to accept or reject, and counting those elements would make the
+    ratio depend on how sparse ``g_v`` is (e.g. dead ReLU outputs). It is 0 when ``g_v`` is zero everywhere.
+
+    Args:
+        g_r (Tensor): Reconstruction gradient, any shape.
+        g_v (Tensor): Regularisation gradient, same shape; cast to ``g_r``'s dtype.
+
+    Returns:
+        tuple[Tensor, Tensor]: ``combined`` (shape and dtype of ``g_r``) and ``agree_fraction`` (0-d float32 in
+        [0, 1], on ``g_r``'s device).
+    """
+    combined, n_agree, n_active = _gate_counts(g_r, g_v)
+    return combined, _fraction(n_agree, n_active)
+
+
+def gate_param_grads(grads_r, grads_v):
+    """:func:`sign_gate` for every parameter (``param`` mode).
+
+    Args:
+        grads_r (list[Tensor | None]): Reconstruction gradient per parameter; None is treated as zeros.
+        grads_v (list[Tensor | None]): Regularisation gradient per parameter; None keeps ``g_r`` unchanged.
+
+    Returns:
+        tuple[list[Tensor | None], Tensor]: The combined gradients (None only where both inputs are None; zeros
+        where only ``g_r`` is None, because ``g_v`` never agrees in sign with a zero gradient) and the agree
+        fraction over all parameters, weighted by element count (elements with ``g_v != 0`` only; 0-d float32).
+    """
+    if len(grads_r) != len(grads_v):
+        raise ValueError(f'got {len(grads_r)} reconstruction gradients but {len(grads_v)} regularisation gradients')
+    combined = []
+    n_agree = n_active = None
+    for g_r, g_v in zip(grads_r, grads_v):
+        if g_v is None:
+            combined.append(g_r)
+            continue
+        if g_r is None:
+            g_r = torch.zeros_like(g_v)
+        c, a, n = _gate_counts(g_r, g_v)
+        combined.append(c)
+        n_agree = a if n_agree is None else n_agree + a.to(n_agree.device)
+        n_active = n if n_active is None else n_active + n.to(n_active.device)
+    if n_agree is None:
+        return combined, torch.zeros((), dtype=torch.float32)
+    return combined, _fraction(n_agree, n_active)
+
+
+def _acc_dtype(dtype):
+    return torch.promote_types(dtype, torch.float32)
+
+
+def cosine_combine(grads_r, grads_v):
+    """Version-2 cooperation: ``grad = g_r + w * g_v`` with ``w = (cos(g_r, g_v) + 1) / 2`` (``cosine`` mode).
+
+    One cosine over all parameters' gradients concatenated; None entries count as zeros. The dot product and
+    norms are accumulated in at least float32. A zero ``g_r`` or ``g_v`` gives ``cos = 0`` (``w = 0.5``).
+
+    Args:
+        grads_r (list[Tensor | None]): Reconstruction gradient per parameter.
+        grads_v (list[Tensor | None]): Regularisation gradient per parameter, same shapes.
+
+    Returns:
+        tuple[list[Tensor | None], Tensor, Tensor]: The combined gradients (``g_r`` where ``g_v`` is None,
+        ``w * g_v`` where ``g_r`` is None, None where both are), ``weight`` and ``cosine`` (0-d tensors).
+    """
+    if len(grads_r) != len(grads_v):
+        raise ValueError(f'got {len(grads_r)} reconstruction gradients but {len(grads_v)} regularisation gradients')
+    dot = sq_r = sq_v = None
+
+    def acc(total, value):
+        return value if total is None else total + value.to(total.device, total.dtype)
+
+    for g_r, g_v in zip(grads_r, grads_v):
+        if g_r is not None and g_v is not None and g_r.shape != g_v.shape:
+            raise ValueError(f'g_r shape {tuple(g_r.shape)} and g_v shape {tuple(g_v.shape)} differ')
+        if g_r is not None:
+            r = g_r.detach().to(_acc_dtype(g_r.dtype))
+            sq_r = acc(sq_r, r.square().sum())
+        if g_v is not None:
+            v = g_v.detach().to(_acc_dtype(g_v.dtype))
+            sq_v = acc(sq_v, v.square().sum())
+            if g_r is not None:
+                dot = acc(dot, (r * v.to(r.dtype)).sum())
+    if dot is None:  # no parameter has both gradients: the vectors are orthogonal (or one is empty)
+        ref = next((g for g in list(grads_r) + list(grads_v) if g is not None), None)
+        device = ref.device if ref is not None else None
+        dtype = _acc_dtype(ref.dtype) if ref is not None else torch.float32
+        cosine = torch.zeros((), device=device, dtype=dtype)
+    else:
+        denom = sq_r.sqrt() * sq_v.to(sq_r.device, sq_r.dtype).sqrt()
+        cosine = torch.where(denom > 0, dot / denom.clamp_min(torch.finfo(denom.dtype).tiny), torch.zeros_like(dot))
+        cosine = cosine.clamp(-1.0, 1.0)
+    weight = (cosine + 1) / 2
+    combined = []
+    for g_r, g_v in zip(grads_r, grads_v):
+        if g_v is None:
+            combined.append(g_r)
+        elif g_r is None:
+            combined.append(g_v * weight.to(g_v.device, g_v.dtype))
+        else:
+            combined.append(g_r + g_v.to(g_r.dtype) * weight.to(g_r.device, g_r.dtype))
+    return combined, weight, cosine
+
+
+class CooperativeGradient(torch.autograd.Function):
+    """Identity in the forward pass; sign-gates the incoming gradient with a closed-form ``g_v`` in backward.
+
+    Use through :func:`cooperative_feature`. Not twice differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, x, grad_fn, record, gate):
+        ctx.save_for_backward(x)  # freed by autograd after the backward pass (unless retain_graph)
+        ctx.grad_fn = grad_fn
+        ctx.record = record
+        ctx.gate = gate
+        return x.view_as(x)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_r):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        (x,) = ctx.saved_tensors
+        with torch.no_grad():
+            g_v = ctx.grad_fn(x)
+            if ctx.gate or ctx.record is not None:
+                combined, n_agree, n_active = _gate_counts(g_r, g_v)
+                if ctx.record is not None:
+                    ctx.record.append(_fraction(n_agree, n_active))
+            if not ctx.gate:
+                if g_v.shape != g_r.shape:
+                    raise ValueError(f'g_r shape {tuple(g_r.shape)} and g_v shape {tuple(g_v.shape)} differ')
+                combined = g_r + g_v.to(g_r.dtype)
+        return combined, None, None, None
+
+
+def cooperative_feature(x, grad_fn, record=None, gate=True):
+    """Mark a quantized layer's input for ``feature``-mode cooperation.
+
+    Returns a tensor equal to ``x`` (a view). In the backward pass the gradient ``g_r`` that reaches it is
+    replaced by ``sign_gate(g_r, grad_fn(x))[0]`` before it flows on to ``x``.
+
+    Args:
+        x (Tensor): The feature ``X_i``, any shape, device and dtype.
+        grad_fn (callable): ``grad_fn(x) -> Tensor`` of ``x``'s shape: the closed-form, weighted regulariser
+            gradient, e.g. ``FeatureVarianceLoss.feature_grad`` or ``lambda x: mismatch.feature_grad(x, q(x))``
+            (the target must then be captured, detached, in the closure). Called under ``torch.no_grad()``.
+        record (list | None): If given, the backward pass appends the agree fraction of this feature as a
+            detached 0-d float32 tensor on ``x``'s device (no host sync; call ``float()`` when logging).
+            Default: None.
+        gate (bool): True (default) applies the sign gate; False passes ``g_r + g_v`` on (the ``naive`` rule in
+            the same single backward pass, still recording the agree fraction).
+
+    Returns:
+        Tensor: Equal to ``x``.
+    """
+    return CooperativeGradient.apply(x, grad_fn, record, gate)
+
+
+def all_reduce_mean_(tensors):
+    """Average tensors across ranks in place, so that every rank sees the same gradients.
+
+    A no-op unless ``torch.distributed`` is initialised with a world size > 1. None entries are skipped.
+    Tensors are flattened into one buffer per (device, dtype) so that each group costs one collective.
+
+    Args:
+        tensors (list[Tensor | None]): Modified in place.
+
+    Returns:
+        list[Tensor | None]: ``tensors``.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return tensors
+    world_size = dist.get_world_size()
+    if world_size <= 1:
+        return tensors
+    groups = {}
+    for t in tensors:
+        if t is not None:
+            groups.setdefault((t.device, t.dtype), []).append(t)
+    for group in groups.values():
+        flat = torch.cat([t.detach().reshape(-1) for t in group])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat.div_(world_size)
+        offset = 0
+        for t in group:
+            n = t.numel()
+            with torch.no_grad():
+                t.copy_(flat[offset:offset + n].view_as(t))
+            offset += n
+    return tensors
