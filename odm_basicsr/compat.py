@@ -157,17 +157,20 @@ def _patch_base_model():
     from torch.nn.parallel import DataParallel, DistributedDataParallel
 
     from odm_basicsr.quant import ActQuantizer, quantizer_state_keys
+    from odm_basicsr.quant.offsets import ensure_offsets_from_state, ensure_offsets_like
 
     def model_ema(self, decay=0.999):
         """EMA of parameters, plus a copy of every buffer (BasicSR 1.4.2 averages parameters only)."""
         net_g = self.get_bare_model(self.net_g)
-        src_params = dict(net_g.named_parameters())
-        src_buffers = dict(net_g.named_buffers())
         src_modules = dict(net_g.named_modules())
-        fresh = []  # quantizers initialised in net_g after net_g_ema was copied: their average starts now
+        # offsets attached to net_g (at ODM calibration) appear in net_g_ema too, starting at net_g's values
+        fresh = [f'{name}.offset.' for name in ensure_offsets_like(self.net_g_ema, net_g)]
+        # quantizers initialised in net_g after net_g_ema was copied: their average starts now
         for name, q in self.net_g_ema.named_modules():
             if isinstance(q, ActQuantizer) and not bool(q.initialized) and bool(src_modules[name].initialized):
                 fresh.append(f'{name}.')
+        src_params = dict(net_g.named_parameters())
+        src_buffers = dict(net_g.named_buffers())
         with torch.no_grad():
             for k, p in self.net_g_ema.named_parameters():
                 if any(k.startswith(f) for f in fresh):
@@ -223,6 +226,7 @@ def _patch_base_model():
             found = list(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
             raise KeyError(f'{load_path} has no "{param_key}" entry (found: {found})')
         state = {k[7:] if k.startswith('module.') else k: v for k, v in state.items()}
+        ensure_offsets_from_state(net, state)  # offsets are attached at calibration; a checkpoint may carry them
         own = net.state_dict()
         quant_keys = set(quantizer_state_keys(net))
         missing = sorted(set(own) - set(state) - quant_keys)

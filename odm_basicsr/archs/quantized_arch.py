@@ -92,6 +92,7 @@ def Quantized(arch,
               weight_range='maxabs',
               weight_percentile=99.0,
               clip_correction=False,
+              offsets=None,
               **unknown):
     """Build a registered BasicSR arch and quantize the selected convolution/linear layers.
 
@@ -113,6 +114,9 @@ def Quantized(arch,
         weight_percentile (float): Percentile of |W| for ``weight_range: percentile``. Default: 99.
         clip_correction (bool): 2024 version's weight clipping correction (learnable factor on a percentile
             range). Default: False.
+        offsets (dict | None): Distribution offsets (METHOD.md 4.3), attached by ``ODMModel`` at calibration:
+            ``{select: topk | threshold, fraction: 0.25, threshold: ~, kind: auto | shift | scale}``.
+            None or false: no offsets. Default: None.
     """
     if unknown:
         accepted = [n for n in inspect.signature(Quantized).parameters if n != 'unknown']
@@ -123,6 +127,7 @@ def Quantized(arch,
     weight_options = dict(granularity=weight_granularity, range_method=weight_range, percentile=weight_percentile,
                           clip_correction=clip_correction)
     ActQuantizer(4, **act_options), WeightQuantizer(4, **weight_options)  # validate options before building
+    offsets = _check_offsets(offsets)
     if layers not in ('default', 'all') and not isinstance(layers, (list, tuple)):
         raise ValueError(f'Quantized: layers must be "default", "all" or a list of patterns, got {layers!r}')
 
@@ -135,5 +140,25 @@ def Quantized(arch,
     net.__class__ = _quantized_class(type(net))
     net.quant_config = dict(arch=dict(arch), w_bits=w_bits, a_bits=a_bits, layers=names,
                             fp=w_bits == FP_BITS and a_bits == FP_BITS, act_options=act_options,
-                            weight_options=weight_options)
+                            weight_options=weight_options, offsets=offsets)
     return net
+
+
+OFFSET_KEYS = ('select', 'fraction', 'threshold', 'kind')
+
+
+def _check_offsets(offsets):
+    """Validate the ``offsets`` option; returns a dict of selection options or None."""
+    if offsets in (None, False):
+        return None
+    if offsets is True:
+        offsets = {}
+    if not isinstance(offsets, dict):
+        raise ValueError(f'Quantized: offsets must be a mapping ({{select: topk, fraction: 0.25}}) or null, '
+                         f'got {offsets!r}')
+    unknown = sorted(set(offsets) - set(OFFSET_KEYS))
+    if unknown:
+        raise ValueError(f'Quantized: unknown offsets option(s) {unknown}. Accepted: {", ".join(OFFSET_KEYS)}')
+    from odm_basicsr.quant.offsets import select_offset_layers
+    select_offset_layers({'probe': {'shift': 1.0, 'scale': 0.5}}, **offsets)  # raises on bad values
+    return dict(offsets)

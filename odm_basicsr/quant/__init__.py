@@ -3,11 +3,34 @@ from .calibration import act_quantizers, all_initialized, calibration
 from .fake_quant import FP_BITS, VALID_BITS, check_bits, clip_to_range, fake_quantize, round_ste
 from .layer_selection import quantizable_layers, quantized_layers, quantizer_state_keys, select_layers, swap_layers
 from .layers import QUANTIZED_TYPES, QConv2d, QLinear, QuantizedLayerMixin
+from .offsets import (
+    OFFSET_KINDS,
+    ChannelStats,
+    DistributionOffset,
+    add_offsets,
+    attach_offsets,
+    channel_mismatch,
+    channel_statistics,
+    collect_channel_stats,
+    ensure_offsets_from_state,
+    ensure_offsets_like,
+    fold_offset,
+    fold_offsets,
+    mismatch_scores,
+    offset_layers,
+    offset_report,
+    scale_init,
+    select_offset_layers,
+    shift_init,
+)
 from .quantizers import ActQuantizer, WeightQuantizer, percentile
 
 __all__ = [
-    'ActQuantizer', 'FP_BITS', 'QConv2d', 'QLinear', 'QUANTIZED_TYPES', 'QuantizedLayerMixin', 'VALID_BITS',
-    'WeightQuantizer', 'act_quantizers', 'all_initialized', 'calibration', 'check_bits', 'clip_to_range',
-    'fake_quantize', 'percentile', 'quantizable_layers', 'quantized_layers', 'quantizer_state_keys', 'round_ste',
-    'select_layers', 'swap_layers'
+    'ActQuantizer', 'ChannelStats', 'DistributionOffset', 'FP_BITS', 'OFFSET_KINDS', 'QConv2d', 'QLinear',
+    'QUANTIZED_TYPES', 'QuantizedLayerMixin', 'VALID_BITS', 'WeightQuantizer', 'act_quantizers', 'add_offsets',
+    'all_initialized', 'attach_offsets', 'calibration', 'channel_mismatch', 'channel_statistics', 'check_bits',
+    'clip_to_range', 'collect_channel_stats', 'ensure_offsets_from_state', 'ensure_offsets_like', 'fake_quantize',
+    'fold_offset', 'fold_offsets', 'mismatch_scores', 'offset_layers', 'offset_report', 'percentile',
+    'quantizable_layers', 'quantized_layers', 'quantizer_state_keys', 'round_ste', 'scale_init', 'select_layers',
+    'select_offset_layers', 'shift_init', 'swap_layers'
 ]

@@ -25,17 +25,24 @@ class QuantizedLayerMixin:
         self.offset = None
 
     def quantize_input(self, x):
-        """The activation the FP operation sees: ``rho * q((x - delta) / rho) + delta`` (offsets optional)."""
-        if self.offset is not None:
-            x = self.offset.normalize(x, self.channel_dim)
+        """The activation the FP operation sees.
+
+        Without offset ``q(x)``; with a shift offset ``q(x - delta) + delta`` (``q(x - delta)`` once folded); with
+        a scale offset ``q(x / rho)``, the scale being applied to the weight (see ``quant/offsets.py``).
+        """
+        offset = self.offset
+        if offset is not None:
+            x = offset.normalize(x, self.channel_dim)
         if self.act_quant is not None:
             x = self.act_quant(x)
-        if self.offset is not None:
-            x = self.offset.denormalize(x, self.channel_dim)
+        if offset is not None:
+            x = offset.denormalize(x, self.channel_dim)
         return x
 
     def quantized_weight(self):
-        return self.weight if self.weight_quant is None else self.weight_quant(self.weight)
+        """``Q_w(W)``, or ``Q_w(W * rho)`` (input channel ``c`` times ``rho_c``) with an unfolded scale offset."""
+        w = self.weight if self.offset is None else self.offset.scale_weight(self.weight)
+        return w if self.weight_quant is None else self.weight_quant(w)
 
     @classmethod
     def from_float(cls, module, w_bits, a_bits, act_options=None, weight_options=None):

@@ -1,0 +1,278 @@
+"""ODMModel: quantization-aware SR training with the ODM regularisers (METHOD.md sections 2 and 4)."""
+from collections import OrderedDict
+from copy import deepcopy
+from functools import partial
+
+import torch
+from basicsr.archs import build_network
+from basicsr.data import build_dataset
+from basicsr.losses import build_loss
+from basicsr.models.base_model import BaseModel
+from basicsr.models.sr_model import SRModel
+from basicsr.utils import get_root_logger
+from basicsr.utils.registry import LOSS_REGISTRY, MODEL_REGISTRY
+from torch.utils.data import DataLoader
+
+from odm_basicsr.odm.cooperation import (
+    COOPERATION_MODES,
+    all_reduce_mean_,
+    cooperative_feature,
+    cosine_combine,
+    gate_param_grads,
+)
+from odm_basicsr.quant import all_initialized, calibration, quantized_layers, quantizer_state_keys
+from odm_basicsr.quant.offsets import (
+    attach_offsets,
+    channel_statistics,
+    mismatch_scores,
+    offset_report,
+    select_offset_layers,
+)
+
+DEFAULTS = {
+    'cooperation': 'feature',
+    'quant_lr_mult': 1.0,
+    'calibration': {'batches': 8},
+    'log_layer_freq': 500,
+}
+
+
+def _option_error(message):
+    from odm_basicsr.utils.option_check import OptionError
+    return OptionError(message)
+
+
+@MODEL_REGISTRY.register()
+class ODMModel(SRModel):
+    """SRModel with calibration, separate quantizer learning rate and the gradient-cooperative regulariser.
+
+    Extra ``train`` options (defaults in brackets):
+
+    * ``var_opt``: the regulariser, a registered loss with ``feature_grad`` (``FeatureVarianceLoss`` or
+      ``MismatchLoss``); required unless ``cooperation: off``.
+    * ``cooperation`` [feature]: ``feature`` | ``param`` | ``cosine`` | ``naive`` | ``off`` (METHOD.md 4.2).
+    * ``quant_lr_mult`` [1.0]: learning rate of activation ranges, clip factors and offsets, times ``optim_g.lr``;
+      their weight decay is 0.
+    * ``calibration.batches`` [8]: training batches used once, before training, to set activation ranges (and
+      the channel statistics that distribution offsets need). Skipped when the loaded network is calibrated
+      already (resume, or a quantized checkpoint).
+    * ``log_layer_freq`` [500]: every N iterations, log per-layer ranges and cooperation ratios.
+
+    Distribution offsets are options of the ``Quantized`` arch (``network_g.offsets``); this model attaches them
+    during calibration.
+    """
+
+    extra_option_keys = {'train': ('var_opt', 'cooperation', 'quant_lr_mult', 'calibration', 'log_layer_freq')}
+
+    @classmethod
+    def check_options(cls, opt, is_train=True):
+        """Validate the ODM options; raises OptionError naming the key."""
+        train = opt.get('train') or {}
+        if not is_train:
+            return
+        mode = train.get('cooperation', DEFAULTS['cooperation'])
+        if mode not in COOPERATION_MODES:
+            raise _option_error(f'option "train.cooperation": {mode!r} is not one of {list(COOPERATION_MODES)}')
+        var_opt = train.get('var_opt')
+        if mode != 'off':
+            if not isinstance(var_opt, dict):
+                raise _option_error(f'option "train.var_opt" is required with cooperation: {mode} '
+                                    '(e.g. {type: FeatureVarianceLoss, loss_weight: !!float 1e-4})')
+            loss_cls = LOSS_REGISTRY.get(var_opt.get('type')) if var_opt.get('type') in LOSS_REGISTRY else None
+            if loss_cls is None or not hasattr(loss_cls, 'feature_grad'):
+                raise _option_error(f'option "train.var_opt.type": {var_opt.get("type")!r} is not a feature '
+                                    'regulariser (FeatureVarianceLoss or MismatchLoss)')
+        mult = train.get('quant_lr_mult', DEFAULTS['quant_lr_mult'])
+        if isinstance(mult, bool) or not isinstance(mult, (int, float)) or mult <= 0:
+            raise _option_error(f'option "train.quant_lr_mult" must be a positive number, got {mult!r}')
+        calib = train.get('calibration', {})
+        if not isinstance(calib, dict) or set(calib) - {'batches'}:
+            raise _option_error(f'option "train.calibration" accepts only "batches", got {calib!r}')
+        batches = calib.get('batches', DEFAULTS['calibration']['batches'])
+        if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
+            raise _option_error(f'option "train.calibration.batches" must be an integer >= 1, got {batches!r}')
+        freq = train.get('log_layer_freq', DEFAULTS['log_layer_freq'])
+        if isinstance(freq, bool) or not isinstance(freq, int) or freq < 1:
+            raise _option_error(f'option "train.log_layer_freq" must be an integer >= 1, got {freq!r}')
+
+    def __init__(self, opt):  # noqa: D107  (SRModel's, with calibration before the DDP wrap)
+        BaseModel.__init__(self, opt)
+        net = build_network(opt['network_g']).to(self.device)
+        load_path = self.opt['path'].get('pretrain_network_g')
+        if load_path is not None:
+            param_key = self.opt['path'].get('param_key_g', 'params')
+            self.load_network(net, load_path, self.opt['path'].get('strict_load_g', True), param_key)
+        self.layers = quantized_layers(net)
+        if not self.layers:
+            raise _option_error('ODMModel needs quantized layers: use network_g.type: Quantized')
+        if self.is_train:
+            self.check_options(opt)
+            self.calibrate(net)  # offsets add parameters: before DDP wraps the network
+        self.net_g = self.model_to_device(net)
+        self.print_network(self.net_g)
+        if self.is_train:
+            self.init_training_settings()
+
+    # ------------------------------------------------------------------ calibration
+    def _calibration_batches(self, n):
+        dataset_opt = deepcopy(self.opt['datasets']['train'])
+        dataset = build_dataset(dataset_opt)
+        generator = torch.Generator().manual_seed(int(self.opt.get('manual_seed') or 0) + self.opt.get('rank', 0))
+        loader = DataLoader(dataset, batch_size=dataset_opt.get('batch_size_per_gpu', 1), shuffle=True,
+                            num_workers=0, generator=generator, drop_last=False)
+        batches = []
+        while len(batches) < n:
+            for data in loader:
+                batches.append(data['lq'].to(self.device))
+                if len(batches) == n:
+                    break
+        return batches
+
+    @torch.no_grad()
+    def calibrate(self, net):
+        """Set activation ranges (and attach distribution offsets) from training batches, once."""
+        logger = get_root_logger()
+        if all_initialized(net):
+            logger.info('ODM calibration skipped: the loaded network carries calibrated quantizers.')
+            return
+        n = self.opt['train'].get('calibration', {}).get('batches', DEFAULTS['calibration']['batches'])
+        batches = self._calibration_batches(n)
+        was_training = net.training
+        net.eval()
+        offsets_opt = (getattr(net, 'quant_config', None) or {}).get('offsets')
+        if offsets_opt:
+            with calibration(net), channel_statistics(net) as stats:
+                for lq in batches:
+                    net(lq)
+            scores = mismatch_scores(stats)
+            selection = select_offset_layers(scores, **offsets_opt)
+            attach_offsets(net, selection, stats)
+            logger.info('Distribution mismatch (shift / scale) and offsets:\n' + '\n'.join(
+                f'  {name:40s} {s["shift"]:.3f} / {s["scale"]:.3f}  {selection.get(name, "-")}'
+                for name, s in scores.items()))
+            for row in offset_report(net):
+                logger.info(f'  offset {row}')
+        with calibration(net):
+            for lq in batches:
+                net(lq)
+        net.train(was_training)
+        logger.info(f'ODM calibration: activation ranges of {len(quantized_layers(net))} layers from {n} batches.')
+
+    # ------------------------------------------------------------------ training settings
+    def init_training_settings(self):
+        train_opt = self.opt['train']
+        self.cooperation = train_opt.get('cooperation', DEFAULTS['cooperation'])
+        self.cri_var = build_loss(train_opt['var_opt']).to(self.device) if self.cooperation != 'off' else None
+        self.log_layer_freq = train_opt.get('log_layer_freq', DEFAULTS['log_layer_freq'])
+        self._features, self._coop_records, self._recording = [], {}, False
+        bare = self.get_bare_model(self.net_g)
+        self.layers = quantized_layers(bare)
+        self._hooks = [m.register_forward_pre_hook(self._make_hook(name)) for name, m in self.layers]
+        super().init_training_settings()
+
+    def _make_hook(self, name):
+        def hook(module, args):
+            if not self._recording:
+                return None
+            x = args[0]
+            target = module.quantize_input(x).detach() if self._needs_targets else None
+            self._features.append((name, x, target))
+            if self.cooperation == 'feature':
+                record = self._coop_records.setdefault(name, [])
+                grad_fn = partial(self.cri_var.feature_grad, target=target)
+                return (cooperative_feature(x, grad_fn, record),) + tuple(args[1:])
+            return None
+        return hook
+
+    @property
+    def _needs_targets(self):
+        return self.cri_var is not None and type(self.cri_var).__name__ == 'MismatchLoss'
+
+    def setup_optimizers(self):
+        """Two parameter groups: network weights at ``lr``; quantizer ranges and offsets at
+        ``lr * quant_lr_mult`` with weight decay 0."""
+        train_opt = self.opt['train']
+        optim_opt = deepcopy(train_opt['optim_g'])
+        optim_type = optim_opt.pop('type')
+        lr = optim_opt.pop('lr')
+        bare = self.get_bare_model(self.net_g)
+        quant_keys = set(quantizer_state_keys(bare))
+        weights, quant = [], []
+        for name, p in bare.named_parameters():
+            if p.requires_grad:
+                (quant if name in quant_keys else weights).append(p)
+        groups = [{'params': weights}]
+        if quant:
+            mult = train_opt.get('quant_lr_mult', DEFAULTS['quant_lr_mult'])
+            groups.append({'params': quant, 'lr': lr * mult, 'weight_decay': 0.0})
+        self.optimizer_g = self.get_optimizer(optim_type, groups, lr, **optim_opt)
+        self.optimizers.append(self.optimizer_g)
+
+    # ------------------------------------------------------------------ one step
+    def optimize_parameters(self, current_iter):
+        self.optimizer_g.zero_grad(set_to_none=True)
+        self._features = []
+        self._recording = self.cri_var is not None
+        try:
+            self.output = self.net_g(self.lq)
+        finally:
+            self._recording = False
+        loss_dict = OrderedDict()
+        l_pix = self.cri_pix(self.output, self.gt)
+        loss_dict['l_pix'] = l_pix
+        mode = self.cooperation
+        if mode == 'off':
+            l_pix.backward()
+        else:
+            feats = [x for _, x, _ in self._features]
+            targets = [t for _, _, t in self._features] if self._needs_targets else None
+            if mode == 'feature':
+                with torch.no_grad():
+                    l_var = self.cri_var([f.detach() for f in feats], targets)
+                l_pix.backward()
+                fractions = [v for rec in self._coop_records.values() for v in rec[-1:]]
+                loss_dict['coop'] = torch.tensor(sum(float(f) for f in fractions) / max(len(fractions), 1))
+            else:
+                l_var = self.cri_var(feats, targets)
+                if mode == 'naive':
+                    (l_pix + l_var).backward()
+                else:
+                    self._cooperate_params(l_pix, l_var, loss_dict)
+            loss_dict['l_var'] = l_var.detach()
+        self.optimizer_g.step()
+        self._features = []
+        self.log_dict = self.reduce_loss_dict(loss_dict)
+        if current_iter % self.log_layer_freq == 0:
+            self._log_layers(current_iter)
+        for rec in self._coop_records.values():
+            del rec[:-1]
+        if self.ema_decay > 0:
+            self.model_ema(decay=self.ema_decay)
+
+    def _cooperate_params(self, l_pix, l_var, loss_dict):
+        """``param`` / ``cosine``: two gradients per parameter, averaged over ranks before they are compared."""
+        params = [p for g in self.optimizer_g.param_groups for p in g['params'] if p.requires_grad]
+        grads_v = list(torch.autograd.grad(l_var, params, retain_graph=True, allow_unused=True))
+        all_reduce_mean_([g for g in grads_v if g is not None])
+        l_pix.backward()  # DDP averages this one
+        grads_r = [p.grad for p in params]
+        if self.cooperation == 'param':
+            combined, agree = gate_param_grads(grads_r, grads_v)
+            loss_dict['coop'] = agree
+        else:
+            combined, weight, cosine = cosine_combine(grads_r, grads_v)
+            loss_dict['coop'] = weight
+            loss_dict['cos'] = cosine
+        for p, g in zip(params, combined):
+            p.grad = g
+
+    def _log_layers(self, current_iter):
+        logger = get_root_logger()
+        lines = []
+        for name, m in self.layers:
+            q = m.act_quant
+            rng = f'[{q.lower.item():8.3f}, {q.upper.item():8.3f}]' if q is not None else 'FP'
+            rec = self._coop_records.get(name)
+            coop = f'{float(rec[-1]):.3f}' if rec else '-'
+            lines.append(f'  {name:40s} range {rng}  coop {coop}')
+        logger.info(f'Iter {current_iter}: per-layer activation ranges and cooperation ratio\n' + '\n'.join(lines))
