@@ -1,0 +1,177 @@
+"""ODMModel: calibration, parameter groups, every cooperation mode's gradient, checkpoints, option errors."""
+import copy
+import logging
+
+import pytest
+import torch
+from basicsr.utils import set_random_seed
+from odm_helpers import odm_opt
+
+from odm_basicsr.models.odm_model import ODMModel
+from odm_basicsr.odm.cooperation import cosine_combine, gate_param_grads
+from odm_basicsr.quant import all_initialized
+from odm_basicsr.quant.offsets import offset_layers
+from odm_basicsr.utils.option_check import OptionError
+
+MODES = ('feature', 'param', 'cosine', 'naive', 'off')
+
+
+def build(opt):
+    set_random_seed(0)  # as BasicSR's option parser does: calibration crops come from Python's RNG
+    return ODMModel(opt)
+
+
+def batch():
+    g = torch.Generator().manual_seed(1)
+    return {'lq': torch.rand(2, 3, 8, 8, generator=g), 'gt': torch.rand(2, 3, 16, 16, generator=g)}
+
+
+def step_grads(model):
+    """Run one optimize_parameters with lr 0 and return the gradients it produced, in optimizer order."""
+    model.feed_data(batch())
+    model.optimize_parameters(1)
+    return [p.grad.clone() if p.grad is not None else None
+            for g in model.optimizer_g.param_groups for p in g['params']]
+
+
+def reference_grads(model):
+    """g_R and g_V computed independently with autograd, on the model's current parameters."""
+    net = model.net_g
+    params = [p for g in model.optimizer_g.param_groups for p in g['params']]
+    feats = []
+    hooks = [m.register_forward_pre_hook(lambda mod, args: feats.append(args[0]) and None)
+             for _, m in model.layers]
+    try:
+        data = batch()
+        out = net(data['lq'])
+    finally:
+        for h in hooks:
+            h.remove()
+    l_pix = model.cri_pix(out, data['gt'])
+    g_r = torch.autograd.grad(l_pix, params, retain_graph=True, allow_unused=True)
+    g_v = torch.autograd.grad(model.cri_var(feats), params, allow_unused=True)
+    return list(g_r), list(g_v)
+
+
+def test_calibration_sets_every_range_and_attaches_offsets():
+    model = build(odm_opt(offsets={'select': 'topk', 'fraction': 0.5}))
+    net = model.net_g
+    assert all_initialized(net)
+    assert len(offset_layers(net)) == 2  # ceil(0.5 * 4 quantized layers)
+    for _, layer in model.layers:
+        assert layer.act_quant.upper.item() > layer.act_quant.lower.item()
+
+
+@pytest.mark.parametrize('mult', [1.0, 10.0])
+def test_two_parameter_groups(mult):
+    model = build(odm_opt(offsets={'fraction': 0.25}, lr=2e-4, mult=mult))
+    weights, quant = model.optimizer_g.param_groups
+    assert weights['lr'] == pytest.approx(2e-4) and quant['lr'] == pytest.approx(2e-4 * mult)
+    assert quant['weight_decay'] == 0.0
+    names = {id(p): n for n, p in model.net_g.named_parameters()}
+    quant_names = {names[id(p)] for p in quant['params']}
+    assert all(('act_quant' in n) or ('offset' in n) for n in quant_names)
+    assert any('offset' in n for n in quant_names)
+    assert not any(('act_quant' in names[id(p)]) for p in weights['params'])
+
+
+def test_off_mode_is_reconstruction_only():
+    model = build(odm_opt('off', lr=0.0))
+    model.cri_var = None
+    grads = step_grads(model)
+    model2 = build(odm_opt('naive', lr=0.0))
+    g_r, _ = reference_grads(model2)
+    for a, b in zip(grads, g_r):
+        assert (a is None and b is None) or torch.allclose(a, b, atol=1e-7)
+    assert set(model.log_dict) == {'l_pix'}
+
+
+@pytest.mark.parametrize('mode', ['naive', 'param', 'cosine'])
+def test_param_level_modes_match_their_definition(mode):
+    model = build(odm_opt(mode, lr=0.0, weight=1e-3))
+    g_r, g_v = reference_grads(model)
+    grads = step_grads(model)
+    if mode == 'naive':
+        expected = [r + v if v is not None else r for r, v in zip(g_r, g_v)]
+    elif mode == 'param':
+        expected, agree = gate_param_grads(g_r, g_v)
+        assert model.log_dict['coop'] == pytest.approx(float(agree), abs=1e-6)
+    else:
+        expected, weight, _ = cosine_combine(g_r, g_v)
+        assert model.log_dict['coop'] == pytest.approx(float(weight), abs=1e-6)
+    for a, b in zip(grads, expected):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+    assert model.log_dict['l_var'] > 0
+
+
+def test_feature_mode_gates_between_off_and_naive():
+    feature = step_grads(build(odm_opt('feature', lr=0.0, weight=1e-3)))
+    naive = step_grads(build(odm_opt('naive', lr=0.0, weight=1e-3)))
+    model_off = build(odm_opt('naive', lr=0.0, weight=1e-3))
+    g_r, _ = reference_grads(model_off)
+    first_conv = 0  # the first quantized conv's weight sees every gated feature gradient downstream of it
+    assert not torch.allclose(feature[first_conv], naive[first_conv])
+    assert not torch.allclose(feature[first_conv], g_r[first_conv])
+    model = build(odm_opt('feature', lr=0.0, weight=1e-3))
+    step_grads(model)
+    assert 0.0 < model.log_dict['coop'] < 1.0
+    assert model.log_dict['l_var'] > 0
+
+
+@pytest.mark.parametrize('mode', MODES)
+def test_zero_weight_reduces_every_mode_to_plain_qat(mode):
+    off = step_grads(build(odm_opt('off', lr=0.0)))
+    grads = step_grads(build(odm_opt(mode, lr=0.0, weight=0.0)))
+    for a, b in zip(grads, off):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-8)
+
+
+def test_mismatch_loss_mode_runs():
+    model = build(odm_opt('cosine', weight=1e-5, var_type='MismatchLoss'))
+    step_grads(model)
+    assert model.log_dict['l_var'] > 0 and 0.0 <= model.log_dict['coop'] <= 1.0
+
+
+def test_calibration_is_not_repeated_for_a_calibrated_checkpoint(tmp_path, caplog):
+    model = build(odm_opt(offsets={'fraction': 0.5}))
+    model.feed_data(batch())
+    model.optimize_parameters(1)
+    path = tmp_path / 'net.pth'
+    torch.save({'params': model.net_g.state_dict()}, path)
+    opt = odm_opt(offsets={'fraction': 0.5})
+    opt['path']['pretrain_network_g'] = str(path)
+    logging.getLogger('basicsr').addHandler(caplog.handler)
+    caplog.set_level(logging.INFO, logger='basicsr')
+    try:
+        again = build(opt)
+    finally:
+        logging.getLogger('basicsr').removeHandler(caplog.handler)
+    assert any('calibration skipped' in r.getMessage() for r in caplog.records)
+    for k, v in model.net_g.state_dict().items():
+        assert torch.equal(again.net_g.state_dict()[k], v), k
+
+
+@pytest.mark.parametrize('change,message', [
+    (('cooperation', 'sign'), "'sign' is not one of"),
+    (('var_opt', None), 'train.var_opt" is required'),
+    (('var_opt', {'type': 'L1Loss'}), 'not a feature regulariser'),
+    (('quant_lr_mult', -1), 'quant_lr_mult" must be a positive number'),
+    (('calibration', {'batch': 2}), 'accepts only "batches"'),
+    (('calibration', {'batches': 0}), 'must be an integer >= 1'),
+])
+def test_bad_odm_options(change, message):
+    opt = odm_opt()
+    key, value = change
+    if value is None:
+        opt['train'].pop(key)
+    else:
+        opt['train'][key] = value
+    with pytest.raises(OptionError, match=message):
+        ODMModel.check_options(opt)
+
+
+def test_odm_needs_a_quantized_network():
+    opt = odm_opt()
+    opt['network_g'] = copy.deepcopy(opt['network_g']['arch'])
+    with pytest.raises(OptionError, match='needs quantized layers'):
+        ODMModel(opt)
