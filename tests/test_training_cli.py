@@ -171,9 +171,12 @@ def _final_params(cwd, name, it):
 
 
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
-    """Fixed seed, CPU, no loader workers: 3 + 3 resumed iterations == 6 iterations, bit for bit."""
+    """ODMModel, fixed seed, CPU, no loader workers: 3 + 3 resumed iterations == 6 iterations, bit for bit."""
     opt = copy.deepcopy(BASE)
-    opt['name'] = 'exact'
+    opt.update(name='exact', model_type='ODMModel')  # calibration, offsets and quantizer state all round-trip
+    opt['train'].update(cooperation='feature', var_opt={'type': 'FeatureVarianceLoss', 'loss_weight': 1e-4},
+                        calibration={'batches': 2})
+    opt['network_g']['offsets'] = {'fraction': 0.5}
     opt['datasets']['train']['dataset_enlarge_ratio'] = 2  # 5 iterations per epoch: the resume is mid-epoch
     opt['train']['total_iter'] = 6
     opt['val']['val_freq'] = 1000
@@ -186,6 +189,8 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
     assert first.returncode == 0, first.stderr
     second = run(['odm-train', '-opt', str(split / 'opt.yml'), '--auto_resume'], split)
     assert second.returncode == 0, second.stderr
+    resumed_log = sorted((split / 'experiments' / 'exact').glob('train_exact_*.log'))[-1].read_text()
+    assert 'ODM calibration skipped' in resumed_log
     a, b = _final_params(straight, 'exact', 6), _final_params(split, 'exact', 6)
     for key in ('params', 'params_ema'):
         assert a[key].keys() == b[key].keys()
