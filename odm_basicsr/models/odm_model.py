@@ -164,6 +164,8 @@ class ODMModel(SRModel):
         self.cooperation = train_opt.get('cooperation', DEFAULTS['cooperation'])
         self.cri_var = build_loss(train_opt['var_opt']).to(self.device) if self.cooperation != 'off' else None
         self.log_layer_freq = train_opt.get('log_layer_freq', DEFAULTS['log_layer_freq'])
+        self.print_freq = (self.opt.get('logger') or {}).get('print_freq', 100)
+        self._log_this_step = False
         self._features, self._coop_records, self._recording = [], {}, False
         bare = self.get_bare_model(self.net_g)
         self.layers = quantized_layers(bare)
@@ -178,7 +180,7 @@ class ODMModel(SRModel):
             target = module.quantize_input(x).detach() if self._needs_targets else None
             self._features.append((name, x, target))
             if self.cooperation == 'feature':
-                record = self._coop_records.setdefault(name, [])
+                record = self._coop_records.setdefault(name, []) if self._log_this_step else None
                 grad_fn = partial(self.cri_var.feature_grad, target=target)
                 return (cooperative_feature(x, grad_fn, record),) + tuple(args[1:])
             return None
@@ -212,6 +214,8 @@ class ODMModel(SRModel):
     def optimize_parameters(self, current_iter):
         self.optimizer_g.zero_grad(set_to_none=True)
         self._features = []
+        self._log_this_step = (current_iter % self.print_freq == 0 or current_iter % self.log_layer_freq == 0
+                               or current_iter == 1)
         self._recording = self.cri_var is not None
         try:
             self.output = self.net_g(self.lq)
@@ -226,26 +230,29 @@ class ODMModel(SRModel):
         else:
             feats = [x for _, x, _ in self._features]
             targets = [t for _, _, t in self._features] if self._needs_targets else None
-            if mode == 'feature':
-                with torch.no_grad():
-                    l_var = self.cri_var([f.detach() for f in feats], targets)
+            if mode == 'feature':  # l_var and coop are only needed for logging: computed on logged steps
+                l_var = None
+                if self._log_this_step:
+                    with torch.no_grad():
+                        l_var = self.cri_var([f.detach() for f in feats], targets)
                 l_pix.backward()
-                fractions = [v for rec in self._coop_records.values() for v in rec[-1:]]
-                loss_dict['coop'] = torch.tensor(sum(float(f) for f in fractions) / max(len(fractions), 1))
+                if self._log_this_step:
+                    loss_dict['coop'] = torch.stack([rec[-1] for rec in self._coop_records.values()]).mean()
             else:
                 l_var = self.cri_var(feats, targets)
                 if mode == 'naive':
                     (l_pix + l_var).backward()
                 else:
                     self._cooperate_params(l_pix, l_var, loss_dict)
-            loss_dict['l_var'] = l_var.detach()
+            if l_var is not None:
+                loss_dict['l_var'] = l_var.detach()
         self.optimizer_g.step()
         self._features = []
         self.log_dict = self.reduce_loss_dict(loss_dict)
         if current_iter % self.log_layer_freq == 0:
             self._log_layers(current_iter)
         for rec in self._coop_records.values():
-            del rec[:-1]
+            rec.clear()
         if self.ema_decay > 0:
             self.model_ema(decay=self.ema_decay)
 

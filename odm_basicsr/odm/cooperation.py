@@ -30,11 +30,19 @@ def _gate_counts(g_r, g_v):
     """``sign_gate`` plus the raw counts (agreeing elements, elements with ``g_v != 0``) as 0-d int64 tensors."""
     if g_r.shape != g_v.shape:
         raise ValueError(f'g_r shape {tuple(g_r.shape)} and g_v shape {tuple(g_v.shape)} differ')
+    combined, agree = _gate(g_r, g_v)
+    return combined, agree.sum(), (g_v != 0).sum()
+
+
+def _gate(g_r, g_v):
+    """``(g_r + g_v * [agree], agree)``; both signs agree exactly where the product is positive.
+
+    The product is taken in at least float32 so that tiny half-precision gradients do not underflow to 0.
+    """
     g_v = g_v.to(g_r.dtype)
-    active = g_v != 0
-    agree = (torch.sign(g_v) == torch.sign(g_r)) & active
-    combined = torch.where(agree, g_r + g_v, g_r)  # g_v == 0 adds nothing, so this equals g_r + g_v * [agree]
-    return combined, agree.sum(), active.sum()
+    wide = torch.promote_types(g_r.dtype, torch.float32)
+    agree = (g_r.to(wide) * g_v.to(wide)) > 0
+    return g_r.addcmul(g_v, agree.to(g_r.dtype)), agree
 
 
 def _fraction(n_agree, n_active):
@@ -174,10 +182,13 @@ class CooperativeGradient(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         with torch.no_grad():
             g_v = ctx.grad_fn(x)
-            if ctx.gate or ctx.record is not None:
+            if ctx.record is not None:  # counting costs a little: only on the steps that are logged
                 combined, n_agree, n_active = _gate_counts(g_r, g_v)
-                if ctx.record is not None:
-                    ctx.record.append(_fraction(n_agree, n_active))
+                ctx.record.append(_fraction(n_agree, n_active))
+            elif ctx.gate:
+                if g_v.shape != g_r.shape:
+                    raise ValueError(f'g_r shape {tuple(g_r.shape)} and g_v shape {tuple(g_v.shape)} differ')
+                combined = _gate(g_r, g_v)[0]
             if not ctx.gate:
                 if g_v.shape != g_r.shape:
                     raise ValueError(f'g_r shape {tuple(g_r.shape)} and g_v shape {tuple(g_v.shape)} differ')
