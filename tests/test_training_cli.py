@@ -199,3 +199,32 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
     # and the resumed run really trained: iteration 3 differs from iteration 6
     mid = _final_params(split, 'exact', 3)
     assert not torch.equal(mid['params']['body.0.conv1.weight'], b['params']['body.0.conv1.weight'])
+
+
+@pytest.mark.parametrize('mode', ['feature', 'param', 'cosine', 'naive', 'off'])
+def test_odm_train_in_every_mode(mode, tmp_path):
+    opt = copy.deepcopy(BASE)
+    opt.update(name=f'odm_{mode}', model_type='ODMModel')
+    opt['train'].update(cooperation=mode, calibration={'batches': 1}, log_layer_freq=2, total_iter=2, ema_decay=0)
+    if mode != 'off':
+        opt['train']['var_opt'] = {'type': 'FeatureVarianceLoss', 'loss_weight': 1e-4}
+        opt['network_g']['offsets'] = {'fraction': 0.5}
+    opt['val']['val_freq'] = 2
+    opt['logger'].update(use_tb_logger=True, save_checkpoint_freq=2)
+    out = run(['odm-train', '-opt', str(write_opt(tmp_path, opt))], tmp_path)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    log = next((tmp_path / 'experiments' / f'odm_{mode}').glob('train_*.log')).read_text()
+    assert 'ODM calibration: activation ranges of 4 layers' in log and '# psnr:' in log
+    assert ('l_var:' in log) == (mode != 'off') and ('coop:' in log) == (mode in ('feature', 'param', 'cosine'))
+    assert 'per-layer activation ranges and cooperation ratio' in log
+    if mode == 'feature':
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+        tags = set()
+        for f in (tmp_path / 'tb_logger' / 'odm_feature').iterdir():
+            acc = EventAccumulator(str(f))
+            acc.Reload()
+            tags |= set(acc.Tags()['scalars'])
+        assert {'losses/l_pix', 'losses/l_var', 'coop', 'layers/body.0.conv1/upper', 'layers/body.0.conv1/coop'} <= tags
+    ckpt = torch.load(tmp_path / 'experiments' / f'odm_{mode}' / 'models' / 'net_g_2.pth', weights_only=True)
+    has_offsets = any('.offset.' in k for k in ckpt['params'])
+    assert has_offsets == (mode != 'off')

@@ -1,4 +1,5 @@
 """ODMModel: quantization-aware SR training with the ODM regularisers (METHOD.md sections 2 and 4)."""
+import os
 from collections import OrderedDict
 from copy import deepcopy
 from functools import partial
@@ -274,7 +275,8 @@ class ODMModel(SRModel):
             p.grad = g
 
     def _log_layers(self, current_iter):
-        logger = get_root_logger()
+        """Per-layer activation ranges and cooperation ratios: to the log and to tensorboard (``layers/``)."""
+        logger, tb = get_root_logger(), self._layer_tb_writer()
         lines = []
         for name, m in self.layers:
             q = m.act_quant
@@ -282,4 +284,21 @@ class ODMModel(SRModel):
             rec = self._coop_records.get(name)
             coop = f'{float(rec[-1]):.3f}' if rec else '-'
             lines.append(f'  {name:40s} range {rng}  coop {coop}')
+            if tb is not None:
+                if q is not None:
+                    tb.add_scalar(f'layers/{name}/lower', q.lower.item(), current_iter)
+                    tb.add_scalar(f'layers/{name}/upper', q.upper.item(), current_iter)
+                if rec:
+                    tb.add_scalar(f'layers/{name}/coop', float(rec[-1]), current_iter)
+        if tb is not None:
+            tb.flush()
         logger.info(f'Iter {current_iter}: per-layer activation ranges and cooperation ratio\n' + '\n'.join(lines))
+
+    def _layer_tb_writer(self):
+        """A second event writer in BasicSR's ``tb_logger/<name>`` folder (rank 0, when tensorboard is on)."""
+        logger_opt = self.opt.get('logger') or {}
+        if (getattr(self, '_tb', None) is None and self.opt.get('rank', 0) == 0 and logger_opt.get('use_tb_logger')
+                and 'debug' not in self.opt['name'] and 'root_path' in self.opt):
+            from torch.utils.tensorboard import SummaryWriter
+            self._tb = SummaryWriter(log_dir=os.path.join(self.opt['root_path'], 'tb_logger', self.opt['name']))
+        return getattr(self, '_tb', None)
