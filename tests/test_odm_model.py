@@ -175,3 +175,15 @@ def test_odm_needs_a_quantized_network():
     opt['network_g'] = copy.deepcopy(opt['network_g']['arch'])
     with pytest.raises(OptionError, match='needs quantized layers'):
         ODMModel(opt)
+
+
+def test_swinir_trains_and_tests_with_window_padding():
+    opt = odm_opt('feature', offsets={'fraction': 0.5})
+    opt['network_g']['arch'] = {'type': 'SwinIR', 'upscale': 2, 'img_size': 8, 'window_size': 4, 'embed_dim': 8,
+                                'depths': [1], 'num_heads': [2], 'mlp_ratio': 2, 'upsampler': 'pixelshuffledirect'}
+    model = build(opt)
+    step_grads(model)
+    assert model.log_dict['l_var'] > 0
+    model.feed_data({'lq': torch.rand(1, 3, 10, 7)})  # not a multiple of the window
+    model.test()
+    assert model.output.shape == (1, 3, 20, 14)

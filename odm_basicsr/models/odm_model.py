@@ -211,6 +211,23 @@ class ODMModel(SRModel):
         self.optimizer_g = self.get_optimizer(optim_type, groups, lr, **optim_opt)
         self.optimizers.append(self.optimizer_g)
 
+    def test(self):
+        """SRModel's test, padding the input to a multiple of the window size for windowed archs (SwinIR)."""
+        net_opt = self.opt['network_g']
+        window = (net_opt.get('arch') or net_opt).get('window_size') if isinstance(net_opt, dict) else None
+        _, _, h, w = self.lq.shape
+        if not window or (h % window == 0 and w % window == 0):
+            return super().test()
+        lq, scale = self.lq, self.opt.get('scale', 1)
+        pad_h, pad_w = (window - h % window) % window, (window - w % window) % window
+        mode = 'reflect' if pad_h < h and pad_w < w else 'replicate'
+        self.lq = torch.nn.functional.pad(lq, (0, pad_w, 0, pad_h), mode=mode)
+        try:
+            super().test()
+        finally:
+            self.lq = lq
+        self.output = self.output[:, :, :h * scale, :w * scale]
+
     # ------------------------------------------------------------------ one step
     def optimize_parameters(self, current_iter):
         self.optimizer_g.zero_grad(set_to_none=True)
