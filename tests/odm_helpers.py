@@ -26,3 +26,16 @@ def odm_opt(mode='feature', weight=1e-4, offsets=None, lr=1e-3, mult=1.0, reduct
         if (var_type or 'FeatureVarianceLoss') == 'FeatureVarianceLoss':
             opt['train']['var_opt']['reduction'] = reduction
     return copy.deepcopy(opt)
+
+#: Tiny constructor options per arch with a default layer preset, as a function of the scale.
+TINY = {
+    'EDSR': lambda s: dict(num_in_ch=3, num_out_ch=3, num_feat=8, num_block=2, upscale=s),
+    'RDN': lambda s: dict(num_feat=8, num_block=2, num_layer=2, growth=4, upscale=s),
+    'SRResNet': lambda s: dict(num_feat=8, num_block=2, upscale=s),
+    'MSRResNet': lambda s: dict(num_feat=8, num_block=2, upscale=s),
+    'RCAN': lambda s: dict(num_in_ch=3, num_out_ch=3, num_feat=8, num_group=2, num_block=2, squeeze_factor=4,
+                           upscale=s),
+    'RRDBNet': lambda s: dict(num_in_ch=3, num_out_ch=3, num_feat=8, num_block=1, num_grow_ch=4, scale=s),
+    'SwinIR': lambda s: dict(upscale=s, img_size=8, window_size=4, embed_dim=8, depths=[2], num_heads=[2],
+                             mlp_ratio=2, upsampler='pixelshuffledirect'),
+}

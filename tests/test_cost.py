@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 from basicsr.archs import build_network
+from odm_helpers import TINY
 from torch import nn
 
 from odm_basicsr.cost import CostError, cost_report, lr_size, main, parse_size
@@ -29,17 +30,6 @@ EDSR_FP_MACS = (_LR * 64 * 3 * 9  # conv_first
 EDSR_PARAMS = 1_517_571
 EDSR_BODY_WEIGHTS = 32 * 64 * 64 * 9
 
-TINY = {
-    'EDSR': lambda s: dict(num_in_ch=3, num_out_ch=3, num_feat=8, num_block=2, upscale=s),
-    'RDN': lambda s: dict(num_feat=8, num_block=2, num_layer=2, growth=4, upscale=s),
-    'SRResNet': lambda s: dict(num_feat=8, num_block=2, upscale=s),
-    'MSRResNet': lambda s: dict(num_feat=8, num_block=2, upscale=s),
-    'RCAN': lambda s: dict(num_in_ch=3, num_out_ch=3, num_feat=8, num_group=2, num_block=2, squeeze_factor=4,
-                           upscale=s),
-    'RRDBNet': lambda s: dict(num_in_ch=3, num_out_ch=3, num_feat=8, num_block=1, num_grow_ch=4, scale=s),
-    'SwinIR': lambda s: dict(upscale=s, img_size=8, window_size=4, embed_dim=8, depths=[2], num_heads=[2],
-                             mlp_ratio=2, upsampler='pixelshuffledirect'),
-}
 
 
 def write_yaml(path, data):

@@ -8,22 +8,12 @@ import torch.nn.functional as F
 from basicsr.archs import build_network
 from basicsr.models.sr_model import SRModel
 from basicsr.utils.registry import ARCH_REGISTRY
+from odm_helpers import TINY
 from torch import nn
 
 from odm_basicsr.archs.layer_presets import LAYER_PRESETS
 from odm_basicsr.quant import QConv2d, QLinear, quantizable_layers
 
-TINY = {
-    'EDSR': lambda s: dict(num_in_ch=3, num_out_ch=3, num_feat=8, num_block=2, upscale=s),
-    'RDN': lambda s: dict(num_feat=8, num_block=2, num_layer=2, growth=4, upscale=s),
-    'SRResNet': lambda s: dict(num_feat=8, num_block=2, upscale=s),
-    'MSRResNet': lambda s: dict(num_feat=8, num_block=2, upscale=s),
-    'RCAN': lambda s: dict(num_in_ch=3, num_out_ch=3, num_feat=8, num_group=2, num_block=2, squeeze_factor=4,
-                           upscale=s),
-    'RRDBNet': lambda s: dict(num_in_ch=3, num_out_ch=3, num_feat=8, num_block=1, num_grow_ch=4, scale=s),
-    'SwinIR': lambda s: dict(upscale=s, img_size=8, window_size=4, embed_dim=8, depths=[2], num_heads=[2],
-                             mlp_ratio=2, upsampler='pixelshuffledirect'),
-}
 SCALES = {'RRDBNet': (2, 4)}  # BasicSR's RRDBNet supports scales 1, 2 and 4 only
 CASES = [(a, s) for a in TINY for s in SCALES.get(a, (2, 3, 4))]
 OUR_ARCHS = ('Quantized', 'RDN', 'SRResNet')

@@ -36,7 +36,7 @@ import torch
 from basicsr.utils.registry import ARCH_REGISTRY
 from torch import nn
 
-_SCALES = (2, 3, 4)
+from .arch_util import PixelRangeMixin
 
 
 class DenseLayer(nn.Module):
@@ -80,7 +80,7 @@ class RDB(nn.Module):
 
 
 @ARCH_REGISTRY.register()
-class RDN(nn.Module):
+class RDN(PixelRangeMixin, nn.Module):
     """Residual Dense Network (EDSR-PyTorch layout), for x2, x3 and x4 super-resolution.
 
     Data flow: ``f1 = sfe1(x)``, ``f = sfe2(f1)``, ``f_d = rdbs[d](f_{d-1})`` for every block,
@@ -114,18 +114,7 @@ class RDN(nn.Module):
                  img_range=255.,
                  rgb_mean=None):
         super().__init__()
-        if upscale not in _SCALES:
-            raise ValueError(f'RDN supports upscale 2, 3 or 4, got upscale={upscale!r}.')
-        self.upscale = upscale
-        self.img_range = img_range
-        if rgb_mean is None:
-            self.mean = None
-        else:
-            if len(rgb_mean) != num_in_ch or num_in_ch != num_out_ch:
-                raise ValueError(f'rgb_mean needs num_in_ch == num_out_ch == len(rgb_mean), got {len(rgb_mean)} '
-                                 f'means for {num_in_ch} -> {num_out_ch} channels.')
-            mean = torch.tensor(rgb_mean, dtype=torch.float32).view(1, -1, 1, 1)
-            self.register_buffer('mean', mean, persistent=False)
+        self.setup_pixel_range(upscale, img_range, rgb_mean, num_in_ch, num_out_ch)
 
         # shallow feature extraction
         self.sfe1 = nn.Conv2d(num_in_ch, num_feat, 3, 1, 1)
@@ -154,10 +143,7 @@ class RDN(nn.Module):
 
     def forward(self, x):
         """(N, num_in_ch, H, W) in [0, 1] -> (N, num_out_ch, H * upscale, W * upscale)."""
-        if self.mean is None:
-            x = x * self.img_range
-        else:
-            x = (x - self.mean) * self.img_range
+        x = self.to_pixel_range(x)
 
         f1 = self.sfe1(x)
         feat = self.sfe2(f1)
@@ -168,6 +154,4 @@ class RDN(nn.Module):
         feat = self.gff(torch.cat(block_outs, 1)) + f1
 
         out = self.conv_last(self.upsample(feat))
-        if self.mean is None:
-            return out / self.img_range
-        return out / self.img_range + self.mean
+        return self.from_pixel_range(out)

@@ -44,12 +44,11 @@ conv2|in2`` -> ``body.{i}.conv1|bn1|act|conv2|bn2``, ``conv_mid`` / ``bn_mid`` -
 
 Parameter counts with the defaults (num_feat=64, num_block=16): 1,546,771 (x4), 1,583,634 (x3), 1,399,314 (x2).
 """
-import torch
 from basicsr.archs.arch_util import default_init_weights, make_layer
 from basicsr.utils.registry import ARCH_REGISTRY
 from torch import nn
 
-_SCALES = (2, 3, 4)
+from .arch_util import PixelRangeMixin
 
 
 class ResidualBlockBN(nn.Module):
@@ -74,7 +73,7 @@ class ResidualBlockBN(nn.Module):
 
 
 @ARCH_REGISTRY.register()
-class SRResNet(nn.Module):
+class SRResNet(PixelRangeMixin, nn.Module):
     """SRResNet with batch normalisation (DAQ / DDTB / AdaBM layout), for x2, x3 and x4 super-resolution.
 
     Data flow: ``h = head(x)``, ``out = conv_last(upsample(body_tail(body(h)) + h))``.
@@ -100,18 +99,7 @@ class SRResNet(nn.Module):
     def __init__(self, num_in_ch=3, num_out_ch=3, num_feat=64, num_block=16, upscale=4, img_range=255.,
                  rgb_mean=None):
         super().__init__()
-        if upscale not in _SCALES:
-            raise ValueError(f'SRResNet supports upscale 2, 3 or 4, got upscale={upscale!r}.')
-        self.upscale = upscale
-        self.img_range = img_range
-        if rgb_mean is None:
-            self.mean = None
-        else:
-            if len(rgb_mean) != num_in_ch or num_in_ch != num_out_ch:
-                raise ValueError(f'rgb_mean needs num_in_ch == num_out_ch == len(rgb_mean), got {len(rgb_mean)} '
-                                 f'means for {num_in_ch} -> {num_out_ch} channels.')
-            mean = torch.tensor(rgb_mean, dtype=torch.float32).view(1, -1, 1, 1)
-            self.register_buffer('mean', mean, persistent=False)
+        self.setup_pixel_range(upscale, img_range, rgb_mean, num_in_ch, num_out_ch)
 
         self.head = nn.Sequential(nn.Conv2d(num_in_ch, num_feat, 9, 1, 4, bias=False), nn.PReLU())
         self.body = make_layer(ResidualBlockBN, num_block, num_feat=num_feat)
@@ -129,15 +117,10 @@ class SRResNet(nn.Module):
 
     def forward(self, x):
         """(N, num_in_ch, H, W) in [0, 1] -> (N, num_out_ch, H * upscale, W * upscale)."""
-        if self.mean is None:
-            x = x * self.img_range
-        else:
-            x = (x - self.mean) * self.img_range
+        x = self.to_pixel_range(x)
 
         feat = self.head(x)
         out = self.body_tail(self.body(feat)) + feat
         out = self.conv_last(self.upsample(out))
 
-        if self.mean is None:
-            return out / self.img_range
-        return out / self.img_range + self.mean
+        return self.from_pixel_range(out)
