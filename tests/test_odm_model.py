@@ -187,3 +187,19 @@ def test_swinir_trains_and_tests_with_window_padding():
     model.feed_data({'lq': torch.rand(1, 3, 10, 7)})  # not a multiple of the window
     model.test()
     assert model.output.shape == (1, 3, 20, 14)
+
+
+def test_clip_factors_follow_the_reconstruction_gradient_only():
+    opt = odm_opt('cosine', lr=0.0, weight=1e-3)
+    opt['network_g']['clip_correction'] = True
+    model = build(opt)
+    gammas = {id(m.weight_quant.gamma) for _, m in model.layers}
+    g_r, _ = reference_grads(model)
+    params = [p for g in model.optimizer_g.param_groups for p in g['params']]
+    grads = step_grads(model)
+    checked = 0
+    for p, got, ref in zip(params, grads, g_r):
+        if id(p) in gammas:
+            assert torch.allclose(got, ref, rtol=1e-5, atol=1e-9)
+            checked += 1
+    assert checked == len(model.layers) == 4

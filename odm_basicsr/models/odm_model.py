@@ -278,6 +278,10 @@ class ODMModel(SRModel):
         """``param`` / ``cosine``: two gradients per parameter, averaged over ranks before they are compared."""
         params = [p for g in self.optimizer_g.param_groups for p in g['params'] if p.requires_grad]
         grads_v = list(torch.autograd.grad(l_var, params, retain_graph=True, allow_unused=True))
+        # the 2024 version trains the weight clipping factors by the reconstruction loss only
+        clip_factors = {id(m.weight_quant.gamma) for _, m in self.layers
+                        if m.weight_quant is not None and m.weight_quant.clip_correction}
+        grads_v = [None if id(p) in clip_factors else g for p, g in zip(params, grads_v)]
         all_reduce_mean_([g for g in grads_v if g is not None])
         l_pix.backward()  # DDP averages this one
         grads_r = [p.grad for p in params]
