@@ -34,6 +34,8 @@ setup(
         'console_scripts': [
             'odm-train=odm_basicsr.train:main',
             'odm-test=odm_basicsr.test:main',
+            'odm-cost=odm_basicsr.cost:main',
+            'odm-demo=odm_basicsr.demo:main',
         ],
     },
 )
