@@ -608,8 +608,13 @@ def format_markdown(results):
     lines = ['# odm-demo results', '',
              f'Command: `{results["command"]}`  ',
              f'Date: {results["date"]}  ',
-             f'Machine: {results["machine"]["summary"]}  ',
-             f'Total wall time: {_fmt_time(results["total_wall_s"])} (m:ss)', '',
+             f'Machine: {results["machine"]["summary"]}; load average (1/5/15 min) at start '
+             f'{results["machine"]["load_average_at_start"]}, at end {results["machine"]["load_average_at_end"]}  ',
+             f'Wall time of this invocation: {_fmt_time(results["total_wall_s"])} (m:ss)'
+             + (f'; {len(results["reused_stages"])} stage(s) reused from an earlier run of the same study '
+                f'({", ".join(results["reused_stages"])}), their train times are from that run' if
+                results['reused_stages'] else '') + '  ',
+             f'Sum of the stage train times: {_fmt_time(results["train_wall_s_sum"])} (m:ss)', '',
              f'EDSR {s["num_feat"]} channels x {s["num_block"]} blocks, x{s["scale"]}; training data: {s["data"]}; '
              f'FP {s["fp_iters"]} iterations (lr {FP_LR:g}), each QAT stage {s["qat_iters"]} iterations '
              f'(lr {QAT_LR:g}) from the FP checkpoint, batch {BATCH}, LR patch {LR_PATCH}, seed {SEED}. '
@@ -629,7 +634,14 @@ def format_markdown(results):
     return '\n'.join(lines)
 
 
-def machine_info(device):
+def _load_average():
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
+
+
+def machine_info(device, load_at_start=None):
     import torch
     info = {'platform': platform.platform(), 'machine': platform.machine(), 'processor': platform.processor(),
             'python': platform.python_version(), 'torch': torch.__version__, 'cpu_count': os.cpu_count(),
@@ -637,10 +649,7 @@ def machine_info(device):
             'device': str(device)}
     if device.type == 'cuda':
         info['gpu'] = torch.cuda.get_device_name(device)
-    try:
-        info['load_average_at_end'] = [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        pass
+    info['load_average_at_start'], info['load_average_at_end'] = load_at_start, _load_average()  # 1, 5, 15 min
     where = info.get('gpu') or f'{info["cpu_count"]}-core {info["machine"]} CPU'
     info['summary'] = f'{where}, torch {info["torch"]}, Python {info["python"]}, {info["platform"]}'
     return info
@@ -651,7 +660,7 @@ def machine_info(device):
 # ---------------------------------------------------------------------------------------------------------------
 
 def main(argv=None):
-    started = time.time()
+    started, load_at_start = time.time(), _load_average()
     # OpenMP threads that spin-wait make torch many times slower when another job shares the cores (measured: 2
     # threads on 2 busy cores, 1.4 s instead of 0.15 s per iteration); passive waiting costs nothing on idle cores.
     os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
@@ -725,8 +734,10 @@ def main(argv=None):
         results['comparison'] = {'image': name0, 'top_left': list(box), 'size': CROP, 'zoom': ZOOM,
                                  'files': [f'comparison_w{b}.png' for b in args.bits],
                                  'labels': 'PSNR of the whole val set (both photos), not of the crop'}
-        results['total_wall_s'] = round(time.time() - started, 1)
-        results['machine'] = machine_info(device)
+        results['total_wall_s'] = round(time.time() - started, 1)  # this invocation (reused stages cost ~0)
+        results['reused_stages'] = [r['stage'] for r in rows if r['skipped']]
+        results['train_wall_s_sum'] = round(sum(r['train_wall_s'] or 0 for r in rows), 1)
+        results['machine'] = machine_info(device, load_at_start)
         with open('results.json', 'w', encoding='utf-8') as f:
             json.dump(results, f, indent=2)
         with open('results.md', 'w', encoding='utf-8') as f:
@@ -741,7 +752,8 @@ def main(argv=None):
         f'border {args.scale}. One seed, two photos: differences of a few hundredths of a dB are noise.')
     log(f'Results: {out}/results.md, results.json, ' + ', '.join(f'comparison_w{b}.png' for b in args.bits)
         + f'; tensorboard --logdir {out}/tb_logger')
-    log(f'Total wall time {_fmt_time(results["total_wall_s"])} (m:ss)')
+    reused = f' ({len(results["reused_stages"])} stage(s) reused)' if results['reused_stages'] else ''
+    log(f'Wall time {_fmt_time(results["total_wall_s"])} (m:ss){reused}')
     return 0
 
 

@@ -97,6 +97,8 @@ def test_demo_rerun_skips_finished_stages(tiny_run, capsys):
     assert [r['psnr'] for r in after['stages']] == [r['psnr'] for r in before['stages']]
     assert [r['train_wall_s'] for r in after['stages']] == [r['train_wall_s'] for r in before['stages']]
     assert all(r['skipped'] for r in after['stages'])
+    assert after['reused_stages'] == ['fp', 'w4_baseline', 'w4_odm'] and before['reused_stages'] == []
+    assert 'reused from an earlier run' in (out / 'results.md').read_text()
 
 
 def test_demo_refuses_to_reuse_a_stage_trained_with_other_settings(tiny_run):
