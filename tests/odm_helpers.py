@@ -39,3 +39,15 @@ TINY = {
     'SwinIR': lambda s: dict(upscale=s, img_size=8, window_size=4, embed_dim=8, depths=[2], num_heads=[2],
                              mlp_ratio=2, upsampler='pixelshuffledirect'),
 }
+
+
+def load_script(name):
+    """Import ``scripts/<name>.py`` as a module (registered in ``sys.modules`` so worker processes find it)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / 'scripts' / f'{name}.py')
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -5,36 +5,21 @@ structure; their key sets are pinned below against the original files), with ran
 PReLU slopes. A conversion must give the same outputs (to 1e-4 on the [0, 1] scale) and load into the quantized
 network with only the quantizer entries missing.
 """
-import importlib.util
 from pathlib import Path
 from unittest import mock
 
 import pytest
 import torch
 from basicsr.utils.registry import ARCH_REGISTRY
+from odm_helpers import load_script
 
 from odm_basicsr.quant import quantizer_state_keys
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _load_script(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / 'scripts' / f'{name}.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-cv = _load_script('convert_edsr_pytorch')
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small convolutions on a busy 2-core machine run many times faster on one intra-op thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
+cv = load_script('convert_edsr_pytorch')
 
 
 def _no_init(t, *args, **kwargs):

@@ -4,42 +4,24 @@ On small generated images in temporary folders, and on ``../shared/data/benchmar
 regenerating Set5's LRbicx4 from its HR images must match the shipped LR images to within one grey level for at
 least 99 % of the pixels.
 """
-import importlib.util
 import os
-import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
-import torch
 from basicsr.data.paired_image_dataset import PairedImageDataset
 from basicsr.utils.matlab_functions import imresize
+from odm_helpers import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 SET5 = REPO.parent / 'shared' / 'data' / 'benchmark' / 'Set5'
 
 
-def _load_script(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / 'scripts' / f'{name}.py')
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # worker processes find process_image by module name
-    spec.loader.exec_module(module)
-    return module
-
-
-div2k = _load_script('prepare_div2k')
-bench = _load_script('prepare_benchmark')
-check = _load_script('check_dataset')
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """imresize's many small products run many times faster on one intra-op thread on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
+div2k = load_script('prepare_div2k')
+bench = load_script('prepare_benchmark')
+check = load_script('check_dataset')
 
 
 def _quiet(*args, **kwargs):

@@ -5,7 +5,6 @@ Each file is read by BasicSR's own ``parse_options`` (in a temporary working dir
 paths before), and its ``network_g`` builds. Builds skip weight initialisation (unused here) and each distinct
 ``network_g`` is built once, to keep the file fast.
 """
-import importlib.util
 import os
 import re
 import sys
@@ -17,6 +16,7 @@ import torch
 import yaml
 from basicsr.utils.options import ordered_yaml, parse_options
 from basicsr.utils.registry import ARCH_REGISTRY
+from odm_helpers import load_script
 
 from odm_basicsr.archs import srresnet_bn_arch
 from odm_basicsr.quant import quantized_layers, quantizer_state_keys
@@ -29,13 +29,6 @@ IDS = [p.name for p in FILES]
 FP_PARAMS = {  # parameter counts of the FP networks (rdn_arch.py / srresnet_bn_arch.py docstrings; EDSR counted)
     ('RDN', 2): 22_123_395, ('RDN', 4): 22_271_107, ('SRResNet', 2): 1_399_314, ('SRResNet', 4): 1_546_771,
 }
-
-
-def _load_script(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / 'scripts' / f'{name}.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _no_init(t, *args, **kwargs):
@@ -92,7 +85,7 @@ def test_the_full_set_exists_and_is_named_consistently():
 
 
 def test_files_are_up_to_date_with_the_generator():
-    make = _load_script('make_option_files')
+    make = load_script('make_option_files')
     files = make.generate()
     assert sorted(files) == sorted(str(p.relative_to(REPO)) for p in FILES)
     for rel, (text, expected) in files.items():
@@ -101,7 +94,7 @@ def test_files_are_up_to_date_with_the_generator():
 
 
 def test_yaml_writer_scalars():
-    make = _load_script('make_option_files')
+    make = load_script('make_option_files')
     for value, text in ((1e-4, '!!float 1e-4'), (2.5e-6, '!!float 2.5e-6'), (0.5, '0.5'), (255.0, '255.0'),
                         (1.0, '1.0'), ('{}', "'{}'"), ('off', "'off'"), ('topk', 'topk'), (None, '~'),
                         (True, 'true'), ([15000, 30000], '[15000, 30000]')):
