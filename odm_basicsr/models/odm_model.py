@@ -121,6 +121,8 @@ class ODMModel(SRModel):
         generator = torch.Generator().manual_seed(int(self.opt.get('manual_seed') or 0) + self.opt.get('rank', 0))
         loader = DataLoader(dataset, batch_size=dataset_opt.get('batch_size_per_gpu', 1), shuffle=True,
                             num_workers=0, generator=generator, drop_last=False)
+        if len(dataset) == 0:
+            raise ValueError('ODM calibration: the training dataset is empty')
         batches = []
         while len(batches) < n:
             for data in loader:
@@ -179,7 +181,8 @@ class ODMModel(SRModel):
                 return None
             x = args[0]
             target = module.quantize_input(x).detach() if self._needs_targets else None
-            self._features.append((name, x, target))
+            if self.cooperation != 'feature' or self._log_this_step:  # feature mode needs them only to log l_var
+                self._features.append((name, x, target))
             if self.cooperation == 'feature':
                 record = self._coop_records.setdefault(name, []) if self._log_this_step else None
                 grad_fn = partial(self.cri_var.feature_grad, target=target)
@@ -189,7 +192,7 @@ class ODMModel(SRModel):
 
     @property
     def _needs_targets(self):
-        return self.cri_var is not None and type(self.cri_var).__name__ == 'MismatchLoss'
+        return getattr(self.cri_var, 'requires_targets', False)
 
     def setup_optimizers(self):
         """Two parameter groups: network weights at ``lr``; quantizer ranges and offsets at
