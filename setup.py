@@ -36,6 +36,7 @@ setup(
             'odm-test=odm_basicsr.test:main',
             'odm-cost=odm_basicsr.cost:main',
             'odm-demo=odm_basicsr.demo:main',
+            'odm-eval=odm_basicsr.evaluate:main',
         ],
     },
 )
