@@ -1,0 +1,412 @@
+#!/usr/bin/env python
+"""A small-scale, rerunnable ODM study: several QAT arms x layer sets x seeds from one cached FP start.
+
+Trains on HR images of ``<data>/train/<set>`` (LR made once with BasicSR's MATLAB bicubic into
+``<out>/data_x<scale>/``), evaluates on ``<data>/benchmark/Set5`` and ``Set14`` (HR + LRbicx<scale>), and writes
+``<out>/study.md`` and ``<out>/study.json``. Each stage is a real ``python -m odm_basicsr.train -opt`` run, written
+and run by the functions of ``odm_basicsr.demo``; a finished run (checkpoint present) is skipped, so rerunning the
+same command resumes the study. See ``--help`` for the arms, the statistics and the chosen defaults.
+"""
+# ruff: noqa: I001
+import argparse
+import datetime
+import json
+import math
+import os
+import shlex
+import statistics
+import sys
+import time
+from argparse import Namespace
+
+import odm_basicsr  # noqa: F401  (compatibility fixes and registration before any basicsr import)
+from odm_basicsr import demo
+
+ARMS = ('fp', 'qat', 'odm', 'naive_half', 'offsets_only', 'v2')
+LAYER_SETS = ('default', 'all')
+BENCHMARKS = ('Set5', 'Set14')
+
+# Defaults (see EPILOG for the measurement they come from).
+DEFAULT_FEAT = 16
+DEFAULT_BLOCK = 4
+DEFAULT_SCALE = 4
+DEFAULT_FP_ITERS = 4000
+DEFAULT_QAT_ITERS = 700
+DEFAULT_SEEDS = (0, 1, 2)
+DEFAULT_TRAIN_SETS = ('T91', 'BSD200')
+DEFAULT_DATA = os.path.join('..', 'shared', 'data')
+
+FP_LR = 1e-3
+QAT_LR = 1e-4
+BATCH = 8
+LR_PATCH = 24  # HR patch 96 at x4: keeps most of T91 (78 to 508 px; smaller images are skipped)
+FP_SEED = 10
+CALIB_BATCHES = 4
+OFFSETS = {'select': 'topk', 'fraction': 0.25}
+
+EPILOG = f"""\
+arms (every QAT arm starts from the same cached FP checkpoint, W<bits>A<bits>, Adam lr {QAT_LR:g} constant):
+  fp            the FP start: EDSR trained once from scratch (lr {FP_LR:g}, halved at 2/3), seed {FP_SEED}; reused
+                by every arm, layer set and seed (one run, so no std)
+  qat           ODMModel, cooperation: off, no offsets (plain QAT; the reference of every delta)
+  odm           cooperation: feature, FeatureVarianceLoss (channel) at --var-weight, offsets top 25 %
+  naive_half    cooperation: naive at --var-weight / 2, offsets top 25 %
+  offsets_only  cooperation: off + offsets top 25 % (no regulariser)
+  v2            2024 version: cooperation: cosine, MismatchLoss weight 1e-5, network_g.clip_correction: true,
+                train.quant_lr_mult: 10 (no offsets)
+  Each QAT arm runs for each --layer-sets entry (network_g.layers: default = the paper's layers, all = every
+  conv except the first and last) and each --seeds entry (train.manual_seed: data order, crops, flips).
+statistics:
+  Y-channel PSNR / SSIM, border = scale, BasicSR's calculate_psnr / calculate_ssim, mean over the images of a set;
+  per arm: mean +- sample std over seeds. Delta vs qat = mean over seeds of (arm - qat) at the same seed and layer
+  set (paired: same seed = same data order). A delta is a tie when |delta| < 2 x the std over seeds of those
+  paired differences; otherwise win (> 0) or loss. With fewer than 2 seeds no verdict is given.
+resuming:
+  Runs live in <out>/experiments/<run>; a run whose checkpoint exists is skipped (its metrics are cached in
+  <out>/runs/<run>.json), an interrupted run resumes from its last training state, and a run with changed
+  settings is refused (use another --out). Adding seeds, arms or layer sets trains only the new runs.
+defaults and why (aim: about 90 minutes on 2 idle CPU cores):
+  Measured (one short run per arm, 40 iterations, on this project's 2-core dev machine at load average ~2, i.e.
+  not idle): EDSR {DEFAULT_FEAT} ch x {DEFAULT_BLOCK} blocks, x4, batch {BATCH}, LR patch {LR_PATCH}:
+  FP about 0.2 s/iteration, W2A2 QAT 0.13-0.18 s/iteration across arms and layer sets (noisy under load); about 10 s
+  per run for process start and calibration, about 5 s per run for the Set5 + Set14 evaluation, about 1 minute
+  once for the LR cache of T91 + BSD200. Taking 0.17 s/iteration for every run, the default study (1 FP run +
+  5 arms x 2 layer sets x 3 seeds = 30 QAT runs) takes about
+  {DEFAULT_FP_ITERS} x 0.17 + 30 x ({DEFAULT_QAT_ITERS} x 0.17 + 15) + 60 s = 680 + 3570 + 510 s, about 80 minutes,
+  leaving some margin for the slower arms. This is an extrapolation from short runs, not a timed full study.
+  {DEFAULT_FEAT} x {DEFAULT_BLOCK} keeps every run cheap enough for 3 seeds; the FP start gets most of its budget once
+  ({DEFAULT_FP_ITERS} iterations) since every arm reuses it; the QAT runs are short fine-tunes, as in odm-demo.
+"""
+
+
+def _positive_int(text):
+    return demo._positive_int(text)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        prog='mini_study.py', description='A CPU-scale ODM study: arms x layer sets x seeds from one cached FP start, '
+        'on T91/BSD200, evaluated on Set5/Set14.', epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--out', required=True, help='work folder (rerun with the same folder to resume)')
+    p.add_argument('--data', default=DEFAULT_DATA,
+                   help=f'data root with train/<set>/ and benchmark/Set5, Set14 (default {DEFAULT_DATA})')
+    p.add_argument('--train-sets', nargs='+', default=list(DEFAULT_TRAIN_SETS), metavar='SET',
+                   help=f'subfolders of <data>/train (default {" ".join(DEFAULT_TRAIN_SETS)})')
+    p.add_argument('--bits', type=demo._bit_width, default=2, help='W=A bit width of the QAT arms (default 2)')
+    p.add_argument('--layer-sets', nargs='+', choices=LAYER_SETS, default=list(LAYER_SETS),
+                   help='network_g.layers values (default: default all)')
+    p.add_argument('--arms', nargs='+', choices=ARMS, default=list(ARMS), help='arms to run (default: all); '
+                   'qat is always trained too, as the reference of the deltas')
+    p.add_argument('--seeds', nargs='+', type=int, default=list(DEFAULT_SEEDS),
+                   help=f'seeds per QAT arm (default {" ".join(map(str, DEFAULT_SEEDS))})')
+    p.add_argument('--var-weight', type=demo._var_weight, default=demo.DEFAULT_VAR_WEIGHT,
+                   help=f'lambda_var of odm (naive_half uses half; default {demo.DEFAULT_VAR_WEIGHT:g})')
+    p.add_argument('--arch-feat', type=_positive_int, default=DEFAULT_FEAT,
+                   help=f'EDSR channels (default {DEFAULT_FEAT})')
+    p.add_argument('--arch-block', type=_positive_int, default=DEFAULT_BLOCK,
+                   help=f'EDSR residual blocks (default {DEFAULT_BLOCK})')
+    p.add_argument('--scale', type=int, choices=(2, 3, 4), default=DEFAULT_SCALE,
+                   help=f'upscaling factor (default {DEFAULT_SCALE})')
+    p.add_argument('--fp-iters', type=_positive_int, default=DEFAULT_FP_ITERS,
+                   help=f'iterations of the FP start (default {DEFAULT_FP_ITERS})')
+    p.add_argument('--qat-iters', type=_positive_int, default=DEFAULT_QAT_ITERS,
+                   help=f'iterations of each QAT run (default {DEFAULT_QAT_ITERS})')
+    p.add_argument('--device', choices=('cpu', 'cuda', 'auto'), default='cpu', help='default cpu')
+    return p
+
+
+def parse_args(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.seeds = list(dict.fromkeys(args.seeds))
+    args.layer_sets = list(dict.fromkeys(args.layer_sets))
+    args.arms = [a for a in ARMS if a in args.arms or a == 'qat']
+    args.hr_images = []
+    for name in args.train_sets:
+        folder = os.path.join(args.data, 'train', name)
+        if not os.path.isdir(folder):
+            parser.error(f'--train-sets: folder not found: {folder}')
+        try:
+            args.hr_images += demo._hr_images(folder)
+        except ValueError as e:
+            parser.error(f'--train-sets: {e}')
+    for name in BENCHMARKS:
+        for sub in ('HR', f'LRbicx{args.scale}'):
+            if not os.path.isdir(os.path.join(args.data, 'benchmark', name, sub)):
+                parser.error(f'--data: missing {os.path.join(args.data, "benchmark", name, sub)}')
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Options
+# ---------------------------------------------------------------------------------------------------------------
+
+def _demo_args(args):
+    return Namespace(scale=args.scale, device=args.device, num_feat=args.arch_feat, num_block=args.arch_block)
+
+
+def _strip_val(opt):
+    """No in-training validation: every run is evaluated here on Set5 and Set14 afterwards."""
+    opt['datasets'].pop('val', None)
+    opt.pop('val', None)
+    opt['logger']['save_checkpoint_freq'] = opt['train']['total_iter']
+    return opt
+
+
+def fp_stage(args, train_set):
+    d = _demo_args(args)
+    opt = demo.base_options('fp', d, train_set, args.fp_iters, FP_LR, [max(1, (2 * args.fp_iters) // 3)])
+    opt['manual_seed'] = FP_SEED
+    return demo.Stage('fp', 'fp', 32, _strip_val(opt))
+
+
+def qat_stage(args, train_set, arm, layers, seed):
+    d = _demo_args(args)
+    name = f'{arm}_{layers}_s{seed}'
+    opt = demo.base_options(name, d, train_set, args.qat_iters, QAT_LR, [10 * args.qat_iters])  # constant lr
+    opt['manual_seed'] = seed
+    opt['model_type'] = 'ODMModel'
+    opt['network_g'] = {'type': 'Quantized', 'arch': demo.edsr_arch(d), 'w_bits': args.bits, 'a_bits': args.bits,
+                        'layers': layers}
+    opt['path']['pretrain_network_g'] = os.path.join('experiments', 'fp', 'models', 'net_g_latest.pth')
+    train = opt['train']
+    train['calibration'] = {'batches': CALIB_BATCHES}
+    if arm == 'qat':
+        train['cooperation'] = 'off'
+    elif arm == 'offsets_only':
+        train['cooperation'] = 'off'
+        opt['network_g']['offsets'] = dict(OFFSETS)
+    elif arm in ('odm', 'naive_half'):
+        train['cooperation'] = 'feature' if arm == 'odm' else 'naive'
+        weight = args.var_weight if arm == 'odm' else args.var_weight / 2
+        train['var_opt'] = {'type': 'FeatureVarianceLoss', 'loss_weight': weight, 'reduction': 'channel'}
+        opt['network_g']['offsets'] = dict(OFFSETS)
+    elif arm == 'v2':
+        train['cooperation'] = 'cosine'
+        train['var_opt'] = {'type': 'MismatchLoss', 'loss_weight': 1e-5}
+        train['quant_lr_mult'] = 10
+        opt['network_g']['clip_correction'] = True
+    else:
+        raise ValueError(arm)
+    stage = demo.Stage(name, arm, args.bits, _strip_val(opt))
+    stage.layers, stage.seed = layers, seed
+    return stage
+
+
+def plan(args, train_set):
+    fp = fp_stage(args, train_set)
+    fp.layers, fp.seed = '-', FP_SEED
+    stages = [fp]
+    for layers in args.layer_sets:
+        for arm in args.arms:
+            if arm == 'fp':
+                continue
+            for seed in args.seeds:
+                stages.append(qat_stage(args, train_set, arm, layers, seed))
+    return stages
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------------------------
+
+def benchmark_pairs(data, name, scale):
+    """``[(name, lq 1xCxhxw, gt uint8 BGR)]`` of a benchmark set, as BasicSR's PairedImageDataset gives them."""
+    from basicsr.data.paired_image_dataset import PairedImageDataset
+    from basicsr.utils import tensor2img
+
+    root = os.path.join(data, 'benchmark', name)
+    ds = PairedImageDataset({'dataroot_gt': os.path.join(root, 'HR'), 'dataroot_lq': os.path.join(root,
+                             f'LRbicx{scale}'), 'io_backend': {'type': 'disk'}, 'filename_tmpl': '{}',
+                             'phase': 'val', 'scale': scale})
+    pairs = []
+    for i in range(len(ds)):
+        item = ds[i]
+        pairs.append((os.path.splitext(os.path.basename(item['lq_path']))[0], item['lq'].unsqueeze(0),
+                      tensor2img([item['gt'].unsqueeze(0)])))
+    return pairs
+
+
+def evaluate(stage, sets, scale, device):
+    net = demo.load_net(stage.opt['network_g'], stage.checkpoint, device)
+    return {name: demo._metrics(demo.sr_images(net, pairs, device), pairs, scale) for name, pairs in sets.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Statistics and tables
+# ---------------------------------------------------------------------------------------------------------------
+
+def _mean_std(values):
+    if not values:
+        return None, None
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def summarize(runs, args):
+    """Rows per (arm, layer set) with mean/std per set and metric, paired delta vs qat and a verdict."""
+    by = {}
+    for r in runs:
+        by.setdefault((r['arm'], r['layers']), {})[r['seed']] = r
+    rows = []
+    fp = by.get(('fp', '-'), {})
+    for layers in args.layer_sets:
+        qat = by.get(('qat', layers), {})
+        for arm in args.arms:
+            group = fp if arm == 'fp' else by.get((arm, layers), {})
+            if not group:
+                continue
+            row = {'arm': arm, 'layers': layers, 'n': len(group), 'sets': {}}
+            for set_name in BENCHMARKS:
+                cell = {}
+                for metric in ('psnr', 'ssim'):
+                    vals = [g['metrics'][set_name][metric] for g in group.values()]
+                    mean, std = _mean_std(vals)
+                    cell[metric] = {'mean': mean, 'std': std}
+                    if arm == 'qat':
+                        continue
+                    if arm == 'fp':  # one FP run against every qat seed
+                        diffs = [fp[FP_SEED]['metrics'][set_name][metric] - q['metrics'][set_name][metric]
+                                 for q in qat.values()]
+                    else:
+                        diffs = [group[s]['metrics'][set_name][metric] - qat[s]['metrics'][set_name][metric]
+                                 for s in group if s in qat]
+                    d_mean, d_std = _mean_std(diffs)
+                    verdict = None
+                    if d_std is not None:
+                        verdict = 'tie' if abs(d_mean) < 2 * d_std else ('win' if d_mean > 0 else 'loss')
+                    cell[f'delta_{metric}'] = {'mean': d_mean, 'std': d_std, 'n': len(diffs), 'verdict': verdict}
+                row['sets'][set_name] = cell
+            rows.append(row)
+    return rows
+
+
+def _pm(stat, digits):
+    if stat['mean'] is None:
+        return '-'
+    text = f'{stat["mean"]:.{digits}f}'
+    return text + (f' ± {stat["std"]:.{digits}f}' if stat['std'] is not None else '')
+
+
+def _delta(stat, digits):
+    if stat is None or stat['mean'] is None:
+        return '-'
+    return f'{stat["mean"]:+.{digits}f} ({stat["verdict"] or "n/a"})'
+
+
+def format_markdown(study):
+    s = study['settings']
+    lines = ['# ODM mini study', '',
+             f'Command: `{study["command"]}`  ', f'Date: {study["date"]}  ',
+             f'Machine: {study["machine"]["summary"]}; load average at start '
+             f'{study["machine"]["load_average_at_start"]}, at end {study["machine"]["load_average_at_end"]}  ',
+             f'Wall time of this invocation: {demo._fmt_time(study["total_wall_s"])} (m:ss); sum of the run train '
+             f'times: {demo._fmt_time(study["train_wall_s_sum"])}', '',
+             f'EDSR {s["arch_feat"]} ch x {s["arch_block"]} blocks, x{s["scale"]}, W{s["bits"]}A{s["bits"]}; training '
+             f'data {", ".join(s["train_sets"])} ({s["train_images"]} images); FP start {s["fp_iters"]} iterations '
+             f'(lr {FP_LR:g}, seed {FP_SEED}), each QAT run {s["qat_iters"]} iterations (lr {QAT_LR:g}), '
+             f'batch {BATCH}, LR patch {LR_PATCH}; seeds {", ".join(map(str, s["seeds"]))}; '
+             f'lambda_var {s["var_weight"]:g}.', '',
+             'Y-channel PSNR (dB) / SSIM, border = scale, mean ± std over seeds. Δ = paired mean over seeds of '
+             '(arm − qat); tie when |Δ| < 2 × std of the paired differences, else win/loss; n/a with < 2 seeds. '
+             'fp is one run (the start of every arm).', '']
+    header = ['arm', 'layers', 'n', 'Set5 PSNR', 'Set5 SSIM', 'Set14 PSNR', 'Set14 SSIM', 'Δ Set5 PSNR',
+              'Δ Set14 PSNR', 'Δ Set5 SSIM', 'Δ Set14 SSIM']
+    lines += ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+    for r in study['summary']:
+        c5, c14 = r['sets']['Set5'], r['sets']['Set14']
+        cells = [r['arm'], r['layers'], str(r['n']), _pm(c5['psnr'], 2), _pm(c5['ssim'], 4), _pm(c14['psnr'], 2),
+                 _pm(c14['ssim'], 4), _delta(c5.get('delta_psnr'), 2), _delta(c14.get('delta_psnr'), 2),
+                 _delta(c5.get('delta_ssim'), 4), _delta(c14.get('delta_ssim'), 4)]
+        lines.append('| ' + ' | '.join(cells) + ' |')
+    b = study['bicubic']
+    lines += ['', f'Bicubic: Set5 {b["Set5"]["psnr"]:.2f} / {b["Set5"]["ssim"]:.4f}, '
+              f'Set14 {b["Set14"]["psnr"]:.2f} / {b["Set14"]["ssim"]:.4f}.', '',
+              'A CPU-scale study, not a reproduction of the paper (DIV2K, 60K iterations, EDSR 64 x 16).', '']
+    return '\n'.join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    started, load_at_start = time.time(), demo._load_average()
+    os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+    args = parse_args(argv)
+    command = shlex.join(['python', 'scripts/mini_study.py'] + (sys.argv[1:] if argv is None else list(argv)))
+    data = os.path.abspath(args.data)
+    out = os.path.abspath(args.out)
+    os.makedirs(out, exist_ok=True)
+
+    def log(msg):
+        print(msg, flush=True)
+
+    log(f'mini_study: work folder {out}')
+    paired = demo.prepare_paired_data(args.hr_images, os.path.join(out, f'data_x{args.scale}'), args.scale,
+                                      LR_PATCH * args.scale, log)
+    train_set = demo.train_dataset_opt(_demo_args(args), paired)
+    train_set.update({'gt_size': LR_PATCH * args.scale, 'batch_size_per_gpu': BATCH,
+                      'dataset_enlarge_ratio': max(1, math.ceil(100 * BATCH / paired[2]))})
+    stages = plan(args, train_set)
+    device = demo._eval_device(args.device)
+    sets = {name: benchmark_pairs(data, name, args.scale) for name in BENCHMARKS}
+
+    cwd = os.getcwd()
+    os.chdir(out)
+    try:
+        os.makedirs('runs', exist_ok=True)
+        bicubic = {name: demo._metrics(demo.bicubic_images(pairs, args.scale), pairs, args.scale)
+                   for name, pairs in sets.items()}
+        runs = []
+        for stage in stages:
+            rec = demo.run_stage(stage, log)
+            run_path = os.path.join('runs', f'{stage.name}.json')
+            cached = demo._load_json(run_path)
+            if rec.get('skipped') and cached is not None:
+                run = {**cached, 'skipped': True}
+            else:
+                metrics = evaluate(stage, sets, args.scale, device)
+                run = {'run': stage.name, 'arm': stage.method, 'layers': stage.layers, 'seed': stage.seed,
+                       'metrics': metrics, 'train_wall_s': rec.get('train_wall_s'), 'iters': rec.get('iters'),
+                       'basicsr_time_consumed': rec.get('basicsr_time_consumed'),
+                       'options': os.path.join(out, 'options', f'{stage.name}.yml'),
+                       'checkpoint': os.path.join(out, stage.checkpoint)}
+                with open(run_path, 'w', encoding='utf-8') as f:
+                    json.dump(run, f, indent=2)
+                run = {**run, 'skipped': False}
+            log(f'[{stage.name}] Set5 {run["metrics"]["Set5"]["psnr"]:.2f} dB, '
+                f'Set14 {run["metrics"]["Set14"]["psnr"]:.2f} dB')
+            runs.append(run)
+
+        study = {
+            'command': command, 'cwd': cwd,
+            'date': datetime.datetime.now().astimezone().isoformat(timespec='seconds'),
+            'settings': {'arms': args.arms, 'layer_sets': args.layer_sets, 'seeds': args.seeds, 'bits': args.bits,
+                         'var_weight': args.var_weight, 'arch_feat': args.arch_feat, 'arch_block': args.arch_block,
+                         'scale': args.scale, 'fp_iters': args.fp_iters, 'qat_iters': args.qat_iters,
+                         'data': data, 'train_sets': args.train_sets, 'train_images': paired[2],
+                         'fp_lr': FP_LR, 'qat_lr': QAT_LR, 'batch': BATCH, 'lr_patch': LR_PATCH, 'fp_seed': FP_SEED,
+                         'calibration_batches': CALIB_BATCHES, 'offsets': OFFSETS, 'device': args.device},
+            'bicubic': bicubic,
+            'runs': runs,
+            'summary': summarize(runs, args),
+            'reused_runs': [r['run'] for r in runs if r['skipped']],
+            'train_wall_s_sum': round(sum(r.get('train_wall_s') or 0 for r in runs), 1),
+            'total_wall_s': round(time.time() - started, 1),
+            'machine': demo.machine_info(device, load_at_start),
+        }
+        with open('study.json', 'w', encoding='utf-8') as f:
+            json.dump(study, f, indent=2)
+        with open('study.md', 'w', encoding='utf-8') as f:
+            f.write(format_markdown(study))
+    finally:
+        os.chdir(cwd)
+    log('')
+    log(format_markdown(study))
+    log(f'Results: {out}/study.md, {out}/study.json')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

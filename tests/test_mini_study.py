@@ -1,0 +1,119 @@
+"""scripts/mini_study.py end to end on tiny generated data (CPU), and scripts/gpu_smoke.sh without a GPU."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import odm_basicsr  # noqa: F401  (compatibility fixes and registration before any basicsr import)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, 'scripts', 'mini_study.py')
+SCALE = 4
+
+
+def _image(rng, h, w):
+    """A smooth random colour image (uint8 BGR): bicubic-friendly, unlike white noise."""
+    import cv2
+    small = rng.uniform(0, 255, (h // 8, w // 8, 3)).astype(np.float32)
+    img = cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC)
+    return np.clip(img + rng.normal(0, 8, img.shape), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope='module')
+def tiny_data(tmp_path_factory):
+    import cv2
+    from basicsr.utils.matlab_functions import imresize
+
+    root = tmp_path_factory.mktemp('data')
+    rng = np.random.default_rng(0)
+    train = root / 'train' / 'T91'
+    train.mkdir(parents=True)
+    for i in range(2):
+        cv2.imwrite(str(train / f't{i}.png'), _image(rng, 112, 120))
+    for name in ('Set5', 'Set14'):
+        hr_dir, lr_dir = root / 'benchmark' / name / 'HR', root / 'benchmark' / name / f'LRbicx{SCALE}'
+        hr_dir.mkdir(parents=True)
+        lr_dir.mkdir(parents=True)
+        for i in range(2):
+            hr = _image(rng, 48, 64)
+            lr = imresize(hr.astype(np.float32) / 255., 1. / SCALE)
+            cv2.imwrite(str(hr_dir / f'img{i}.png'), hr)
+            cv2.imwrite(str(lr_dir / f'img{i}.png'), np.clip(np.round(lr * 255.), 0, 255).astype(np.uint8))
+    return root
+
+
+def _run(args, cwd):
+    env = dict(os.environ, OMP_NUM_THREADS='1', OMP_WAIT_POLICY='PASSIVE')
+    return subprocess.run([sys.executable, SCRIPT] + args, cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_mini_study_runs_and_resumes(tiny_data, tmp_path):
+    out = tmp_path / 'study'
+    args = ['--out', str(out), '--data', str(tiny_data), '--train-sets', 'T91', '--arch-feat', '4',
+            '--arch-block', '1', '--fp-iters', '2', '--qat-iters', '2', '--seeds', '0', '--layer-sets',
+            'default', '--arms', 'fp', 'qat', 'odm']  # 3 training runs: fits the test-time budget
+    first = _run(args, tmp_path)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    study = json.loads((out / 'study.json').read_text())
+    names = {r['run'] for r in study['runs']}
+    assert names == {'fp', 'qat_default_s0', 'odm_default_s0'}
+    for r in study['runs']:
+        for set_name in ('Set5', 'Set14'):
+            assert math.isfinite(r['metrics'][set_name]['psnr']), r
+            assert math.isfinite(r['metrics'][set_name]['ssim']), r
+        assert r['train_wall_s'] > 0
+    assert study['machine']['summary'] and study['date'] and 'mini_study.py' in study['command']
+    odm = next(s for s in study['summary'] if s['arm'] == 'odm')
+    assert odm['n'] == 1 and odm['sets']['Set5']['delta_psnr']['verdict'] is None  # one seed: no verdict
+    md = (out / 'study.md').read_text()
+    assert '| fp | default |' in md and '| qat | default |' in md and '| odm | default |' in md
+
+    second = _run(args, tmp_path)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert 'training:' not in second.stdout
+    assert second.stdout.count('skipped') >= 3
+    again = json.loads((out / 'study.json').read_text())
+    assert sorted(again['reused_runs']) == sorted(names)
+    assert [r['metrics'] for r in again['runs']] == [r['metrics'] for r in study['runs']]
+
+
+def test_gpu_smoke_without_gpu():
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip('a GPU is present: gpu_smoke.sh would train; this test checks the no-GPU path')
+    proc = subprocess.run(['bash', os.path.join(ROOT, 'scripts', 'gpu_smoke.sh')], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert 'no GPU present' in proc.stdout
+
+
+def _load_study_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('mini_study', SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_summary_ties_wins_losses():
+    ms = _load_study_module()
+    args = type('A', (), {'layer_sets': ['default'], 'arms': ['fp', 'qat', 'odm', 'v2']})()
+
+    def run(arm, seed, psnr, layers='default'):
+        m = {'psnr': psnr, 'ssim': psnr / 100}
+        return {'arm': arm, 'layers': layers, 'seed': seed, 'metrics': {'Set5': m, 'Set14': m}}
+
+    runs = [run('fp', ms.FP_SEED, 30.0, '-')]
+    runs += [run('qat', s, 25.0 + 0.1 * s) for s in range(3)]
+    runs += [run('odm', s, 25.5 + 0.1 * s + 0.01 * (s % 2)) for s in range(3)]  # +0.5 every seed: a win
+    runs += [run('v2', s, 25.0 + 0.1 * s + (0.2, -0.2, 0.05)[s]) for s in range(3)]  # scattered: a tie
+    rows = {r['arm']: r for r in ms.summarize(runs, args)}
+    assert rows['odm']['sets']['Set5']['delta_psnr']['verdict'] == 'win'
+    assert rows['v2']['sets']['Set5']['delta_psnr']['verdict'] == 'tie'
+    assert rows['fp']['sets']['Set5']['delta_psnr']['verdict'] == 'win'
+    assert rows['qat']['sets']['Set5']['psnr']['std'] == pytest.approx(0.1)
