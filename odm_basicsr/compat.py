@@ -96,6 +96,35 @@ def load_checkpoint(path):
                            f'Python values, as BasicSR checkpoints do): {e}') from e
 
 
+def select_state_dict(ckpt, param_key='params', fallback='params', source='checkpoint'):
+    """Pick the network state dict inside a loaded checkpoint, with ``module.`` prefixes stripped.
+
+    Tries ``ckpt[param_key]``, then ``ckpt[fallback]`` (None: no fallback), then ``ckpt`` itself when it is a bare
+    state dict (all values tensors).
+
+    Returns:
+        tuple[str | None, dict]: The key used (None for a bare state dict) and the state dict.
+
+    Raises:
+        KeyError: no such entry; the message names ``source`` and the keys found.
+        TypeError: the selected entry is not a dict.
+    """
+    if isinstance(ckpt, dict) and param_key is not None and param_key in ckpt:
+        key = param_key
+    elif isinstance(ckpt, dict) and fallback is not None and fallback in ckpt:
+        key = fallback
+    elif isinstance(ckpt, dict) and ckpt and all(torch.is_tensor(v) for v in ckpt.values()):
+        return None, {k[7:] if k.startswith('module.') else k: v for k, v in ckpt.items()}
+    else:
+        found = list(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
+        wanted = f'"{param_key}"' + (f' or "{fallback}"' if fallback not in (None, param_key) else '')
+        raise KeyError(f'{source} has no {wanted} entry (found: {found})')
+    state = ckpt[key]
+    if not isinstance(state, dict):
+        raise TypeError(f'{source} [{key}] is not a state dict')
+    return key, {k[7:] if k.startswith('module.') else k: v for k, v in state.items()}
+
+
 def _patch_resume():
     import basicsr.train
     from basicsr.utils import check_resume, scandir
@@ -214,18 +243,11 @@ def _patch_base_model():
         """
         logger = get_root_logger()
         net = self.get_bare_model(net)
-        ckpt = load_checkpoint(load_path)
-        if param_key is not None and isinstance(ckpt, dict) and param_key in ckpt:
-            state = ckpt[param_key]
-        elif param_key is not None and isinstance(ckpt, dict) and 'params' in ckpt:
-            logger.info(f'Loading: {param_key} does not exist in {load_path}, use params.')
-            param_key, state = 'params', ckpt['params']
-        elif isinstance(ckpt, dict) and ckpt and all(torch.is_tensor(v) for v in ckpt.values()):
-            state = ckpt  # a bare state dict
-        else:
-            found = list(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
-            raise KeyError(f'{load_path} has no "{param_key}" entry (found: {found})')
-        state = {k[7:] if k.startswith('module.') else k: v for k, v in state.items()}
+        key, state = select_state_dict(load_checkpoint(load_path), param_key,
+                                       fallback=None if param_key is None else 'params', source=load_path)
+        if key != param_key and key is not None:
+            logger.info(f'Loading: {param_key} does not exist in {load_path}, use {key}.')
+        param_key = key
         ensure_offsets_from_state(net, state)  # offsets are attached at calibration; a checkpoint may carry them
         own = net.state_dict()
         quant_keys = set(quantizer_state_keys(net))

@@ -607,21 +607,15 @@ def build_network_from_options(net_opt):
 
 def load_weights(net, path, param_key='params'):
     """Load a checkpoint into ``net`` (creating the offsets it carries); CostError if it does not fit."""
-    from odm_basicsr.compat import load_checkpoint
+    from odm_basicsr.compat import load_checkpoint, select_state_dict
     from odm_basicsr.quant import ensure_offsets_from_state
 
     try:
-        ckpt = load_checkpoint(path)
-    except (FileNotFoundError, RuntimeError) as e:
+        _, state = select_state_dict(load_checkpoint(path), param_key, fallback=None, source=path)
+    except (FileNotFoundError, RuntimeError, TypeError) as e:
         raise CostError(str(e)) from None
-    if isinstance(ckpt, dict) and param_key in ckpt:
-        state = ckpt[param_key]
-    elif isinstance(ckpt, dict) and ckpt and all(torch.is_tensor(v) for v in ckpt.values()):
-        state = ckpt
-    else:
-        found = list(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise CostError(f'{path} has no "{param_key}" entry (found: {found}); use --param-key')
-    state = {k[7:] if k.startswith('module.') else k: v for k, v in state.items()}
+    except KeyError as e:
+        raise CostError(f'{e.args[0]}; use --param-key') from None
     try:
         ensure_offsets_from_state(net, state)
         own = net.state_dict()

@@ -89,27 +89,17 @@ def build_network(net_opt):
 
 def load_weights(net, path, param_key='params_ema'):
     """Load ``path`` into ``net`` strictly; error when activation quantizers stay uninitialised."""
-    from odm_basicsr.compat import load_checkpoint
+    from odm_basicsr.compat import load_checkpoint, select_state_dict
     from odm_basicsr.quant import quantized_layers
     from odm_basicsr.quant.layer_selection import quantizer_state_keys
     from odm_basicsr.quant.offsets import ensure_offsets_from_state
 
     try:
-        ckpt = load_checkpoint(path)
-    except (FileNotFoundError, RuntimeError) as e:
+        key, state = select_state_dict(load_checkpoint(path), param_key, source=f'checkpoint {path}')
+    except (FileNotFoundError, RuntimeError, TypeError) as e:
         raise EvalError(str(e)) from e
-    if isinstance(ckpt, dict) and param_key in ckpt:
-        key, state = param_key, ckpt[param_key]
-    elif isinstance(ckpt, dict) and 'params' in ckpt:
-        key, state = 'params', ckpt['params']
-    elif isinstance(ckpt, dict) and ckpt and all(hasattr(v, 'shape') for v in ckpt.values()):
-        key, state = None, ckpt
-    else:
-        found = list(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise EvalError(f'checkpoint {path} has no "{param_key}" or "params" entry (found: {found})')
-    if not isinstance(state, dict):
-        raise EvalError(f'checkpoint {path} [{key}] is not a state dict')
-    state = {k[7:] if k.startswith('module.') else k: v for k, v in state.items()}
+    except KeyError as e:
+        raise EvalError(e.args[0]) from e
     name = type(net).__name__
     try:
         ensure_offsets_from_state(net, state)

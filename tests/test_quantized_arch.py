@@ -176,3 +176,15 @@ def test_no_default_layer_set_for_unknown_arch_lists_candidates():
     net = build_network(dict(type='Quantized', arch=dict(type='SRVGGNetCompact_basicsr', num_feat=8, num_conv=2),
                              layers=['body.2']))
     assert isinstance(net.body[2], QConv2d)
+
+
+def test_select_state_dict_keys_fallback_bare_and_errors():
+    from odm_basicsr.compat import select_state_dict
+    t = torch.zeros(1)
+    assert select_state_dict({'params_ema': {'module.a': t}, 'params': {}}, 'params_ema') == ('params_ema', {'a': t})
+    assert select_state_dict({'params': {'a': t}}, 'params_ema') == ('params', {'a': t})
+    assert select_state_dict({'module.a': t}, 'params') == (None, {'a': t})
+    with pytest.raises(KeyError, match=r'x.pth has no "params_ema" entry \(found: \[\'other\'\]\)'):
+        select_state_dict({'other': 1}, 'params_ema', fallback=None, source='x.pth')
+    with pytest.raises(TypeError, match='is not a state dict'):
+        select_state_dict({'params': [t]}, 'params')
