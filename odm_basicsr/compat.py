@@ -233,6 +233,9 @@ def _patch_base_model():
                  'optimizers': [o.state_dict() for o in self.optimizers],
                  'schedulers': [s.state_dict() for s in self.schedulers]}
         state['rng'] = rng_state()
+        scaler = getattr(self, 'grad_scaler', None)
+        if scaler is not None and scaler.is_enabled():
+            state['grad_scaler'] = scaler.state_dict()
         atomic_torch_save(state, os.path.join(self.opt['path']['training_states'], f'{current_iter}.state'))
 
     def load_network(self, net, load_path, strict=True, param_key='params'):
@@ -308,6 +311,9 @@ def _patch_base_model():
         original_resume(self, resume_state)
         if 'rng' in resume_state:
             set_rng_state(resume_state['rng'])
+        scaler = getattr(self, 'grad_scaler', None)
+        if scaler is not None and scaler.is_enabled() and 'grad_scaler' in resume_state:
+            scaler.load_state_dict(resume_state['grad_scaler'])
 
     BaseModel.get_optimizer = get_optimizer
     BaseModel.resume_training = resume_training

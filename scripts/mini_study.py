@@ -197,12 +197,12 @@ def plan(args, train_set):
     fp = fp_stage(args, train_set)
     fp.layers, fp.seed = '-', FP_SEED
     stages = [fp]
-    for layers in args.layer_sets:
-        for arm in args.arms:
-            if arm == 'fp':
-                continue
-            for seed in args.seeds:
-                stages.append(qat_stage(args, train_set, arm, layers, seed))
+    # Seeds outermost: a study stopped early still has every arm and layer set for its first seeds.
+    for seed in args.seeds:
+        for layers in args.layer_sets:
+            for arm in args.arms:
+                if arm != 'fp':
+                    stages.append(qat_stage(args, train_set, arm, layers, seed))
     return stages
 
 

@@ -92,6 +92,19 @@ def test_gpu_smoke_without_gpu():
     assert 'no GPU present' in proc.stdout
 
 
+def test_gpu_smoke_path_on_cpu_with_and_without_amp():
+    env = {**os.environ, 'GPU_SMOKE_DEVICE': 'cpu', 'OMP_NUM_THREADS': '1'}
+    proc = subprocess.run(['bash', os.path.join(ROOT, 'scripts', 'gpu_smoke.sh'), '4'], capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-2])  # the JSON line, before the folder line
+    assert [r['amp'] for r in report['runs']] == ['off', 'bfloat16']
+    for run in report['runs']:
+        assert run['iters'] == 4 and run['it_per_s'] > 0 and 5.0 < run['final_psnr'] < 40.0
+    assert report['amp_speedup'] == pytest.approx(report['runs'][1]['it_per_s'] / report['runs'][0]['it_per_s'],
+                                                  abs=1e-3)
+
+
 def _load_study_module():
     import importlib.util
     spec = importlib.util.spec_from_file_location('mini_study', SCRIPT)

@@ -203,3 +203,78 @@ def test_clip_factors_follow_the_reconstruction_gradient_only():
             assert torch.allclose(got, ref, rtol=1e-5, atol=1e-9)
             checked += 1
     assert checked == len(model.layers) == 4
+
+
+# ------------------------------------------------------------------ mixed precision (train.amp)
+@pytest.mark.parametrize('mode', MODES)
+def test_loss_scaling_leaves_every_mode_unchanged(mode):
+    """float16 AMP multiplies the loss by a scale and divides the gradients by it: the update must not change.
+
+    Autocast is switched off here so that the scaling logic alone is compared (a power-of-two scale is exact).
+    """
+    plain = step_grads(build(odm_opt(mode, lr=0.0, weight=1e-3)))
+    model = build(odm_opt(mode, lr=0.0, weight=1e-3))
+    model.grad_scaler = torch.amp.GradScaler('cpu', init_scale=2.0 ** 12)
+    scaled = step_grads(model)
+    assert model._loss_scale == 2.0 ** 12
+    for a, b in zip(scaled, plain):
+        assert (a is None and b is None) or torch.allclose(a, b, rtol=1e-5, atol=1e-9)
+    # feature mode: equal only because the closed-form g_v is scaled as well (weight 1e-3 changes the gate)
+
+
+@pytest.mark.parametrize('amp,dtype', [('bfloat16', torch.bfloat16), (True, torch.bfloat16),
+                                        ('float16', torch.float16)])
+def test_amp_runs_layers_in_half_precision_with_float32_quantization(amp, dtype):
+    opt = odm_opt('feature', lr=0.0, weight=1e-3, offsets={'fraction': 0.5})
+    opt['train']['amp'] = amp
+    model = build(opt)
+    assert model.amp_dtype == dtype and model.grad_scaler.is_enabled() == (dtype == torch.float16)
+    seen = {}
+    hooks = [m.register_forward_hook(lambda mod, args, out, n=n: seen.update({n: out.dtype}))
+             for n, m in model.layers]
+    quant_inputs = []
+    hooks += [m.act_quant.register_forward_pre_hook(lambda mod, args: quant_inputs.append(args[0].dtype))
+              for _, m in model.layers]
+    try:
+        grads = step_grads(model)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert set(seen.values()) == {dtype}  # the convolutions ran in half precision
+    assert set(quant_inputs) == {torch.float32}  # the fake quantizers did not
+    assert model.output.dtype == torch.float32
+    fp32 = step_grads(build(odm_opt('feature', lr=0.0, weight=1e-3, offsets={'fraction': 0.5})))
+    for a, b in zip(grads, fp32):
+        assert torch.isfinite(a).all()
+        if b.dim() >= 2:  # conv weights; a scalar range gradient near 0 may flip sign in half precision
+            cosine = torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0)
+            assert cosine > 0.95, float(cosine)  # bfloat16 keeps 8 mantissa bits: lowest seen 0.978
+    assert 0.0 < model.log_dict['coop'] < 1.0
+
+
+def test_amp_trains_and_the_scaler_state_survives_resume(tmp_path):
+    opt = odm_opt('feature', lr=1e-3, weight=1e-4)
+    opt['train']['amp'] = 'float16'
+    opt['path']['training_states'] = str(tmp_path)
+    model = build(copy.deepcopy(opt))  # BasicSR pops keys from the options it is given
+    model.feed_data(batch())
+    model.optimize_parameters(1)
+    first = model.log_dict['l_pix']
+    for it in range(2, 31):
+        model.optimize_parameters(it)
+    assert model.log_dict['l_pix'] < first
+    assert all(torch.isfinite(p).all() for p in model.net_g.parameters())
+    model.grad_scaler.update(123.0)  # a scale that no fresh scaler would have
+    model.save_training_state(epoch=0, current_iter=30)
+    state = torch.load(tmp_path / '30.state', weights_only=True)
+    assert state['grad_scaler']['scale'] == 123.0
+    again = build(opt)
+    again.resume_training(state)
+    assert again.grad_scaler.get_scale() == 123.0
+
+
+def test_bad_amp_option():
+    opt = odm_opt()
+    opt['train']['amp'] = 'fp8'
+    with pytest.raises(OptionError, match='train.amp" must be true, false, float16 or bfloat16'):
+        ODMModel.check_options(opt)

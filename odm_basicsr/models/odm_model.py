@@ -35,7 +35,9 @@ DEFAULTS = {
     'quant_lr_mult': 1.0,
     'calibration': {'batches': 8},
     'log_layer_freq': 500,
+    'amp': False,
 }
+AMP_DTYPES = {'float16': torch.float16, 'bfloat16': torch.bfloat16}
 
 
 def _option_error(message):
@@ -58,12 +60,16 @@ class ODMModel(SRModel):
       the channel statistics that distribution offsets need). Skipped when the loaded network is calibrated
       already (resume, or a quantized checkpoint).
     * ``log_layer_freq`` [500]: every N iterations, log per-layer ranges and cooperation ratios.
+    * ``amp`` [false]: mixed precision for the training forward pass: ``float16``, ``bfloat16``, or ``true``
+      (float16 on CUDA, bfloat16 on CPU). float16 uses a gradient scaler (its state is saved with the training
+      state). Fake quantization and the regulariser run in float32; validation runs in float32.
 
     Distribution offsets are options of the ``Quantized`` arch (``network_g.offsets``); this model attaches them
     during calibration.
     """
 
-    extra_option_keys = {'train': ('var_opt', 'cooperation', 'quant_lr_mult', 'calibration', 'log_layer_freq')}
+    extra_option_keys = {'train': ('var_opt', 'cooperation', 'quant_lr_mult', 'calibration', 'log_layer_freq',
+                                   'amp')}
 
     @classmethod
     def check_options(cls, opt, is_train=True):
@@ -95,6 +101,9 @@ class ODMModel(SRModel):
         freq = train.get('log_layer_freq', DEFAULTS['log_layer_freq'])
         if isinstance(freq, bool) or not isinstance(freq, int) or freq < 1:
             raise _option_error(f'option "train.log_layer_freq" must be an integer >= 1, got {freq!r}')
+        amp = train.get('amp', DEFAULTS['amp'])
+        if not (isinstance(amp, bool) or amp is None or amp in AMP_DTYPES):
+            raise _option_error(f'option "train.amp" must be true, false, float16 or bfloat16, got {amp!r}')
 
     def __init__(self, opt):  # noqa: D107  (SRModel's, with calibration before the DDP wrap)
         BaseModel.__init__(self, opt)
@@ -167,8 +176,14 @@ class ODMModel(SRModel):
         self.cooperation = train_opt.get('cooperation', DEFAULTS['cooperation'])
         self.cri_var = build_loss(train_opt['var_opt']).to(self.device) if self.cooperation != 'off' else None
         self.log_layer_freq = train_opt.get('log_layer_freq', DEFAULTS['log_layer_freq'])
+        amp = train_opt.get('amp', DEFAULTS['amp'])
+        if amp is True:
+            amp = 'float16' if self.device.type == 'cuda' else 'bfloat16'
+        self.amp_dtype = AMP_DTYPES.get(amp) if amp else None
+        # bfloat16 has float32's exponent range: only float16 gradients need loss scaling
+        self.grad_scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.print_freq = (self.opt.get('logger') or {}).get('print_freq', 100)
-        self._log_this_step = False
+        self._log_this_step, self._loss_scale = False, 1.0
         self._features, self._coop_records, self._recording = [], {}, False
         bare = self.get_bare_model(self.net_g)
         self.layers = quantized_layers(bare)
@@ -180,12 +195,16 @@ class ODMModel(SRModel):
             if not self._recording:
                 return None
             x = args[0]
+            if x.dtype != torch.float32 and x.is_floating_point():
+                x = x.float()  # under autocast: statistics and the regulariser gradient in float32
             target = module.quantize_input(x).detach() if self._needs_targets else None
             if self.cooperation != 'feature' or self._log_this_step:  # feature mode needs them only to log l_var
                 self._features.append((name, x, target))
             if self.cooperation == 'feature':
                 record = self._coop_records.setdefault(name, []) if self._log_this_step else None
                 grad_fn = partial(self.cri_var.feature_grad, target=target)
+                if self._loss_scale != 1.0:  # g_r arrives multiplied by the loss scale: so must g_v
+                    grad_fn = partial(_scaled, grad_fn, self._loss_scale)
                 return (cooperative_feature(x, grad_fn, record),) + tuple(args[1:])
             return None
         return hook
@@ -232,22 +251,29 @@ class ODMModel(SRModel):
         self.output = self.output[:, :, :h * scale, :w * scale]
 
     # ------------------------------------------------------------------ one step
+    def _backward(self, loss):
+        self.grad_scaler.scale(loss).backward()
+
     def optimize_parameters(self, current_iter):
         self.optimizer_g.zero_grad(set_to_none=True)
+        self._loss_scale = self.grad_scaler.get_scale() if self.grad_scaler.is_enabled() else 1.0
         self._features = []
         self._log_this_step = (current_iter % self.print_freq == 0 or current_iter % self.log_layer_freq == 0
                                or current_iter == 1)
         self._recording = self.cri_var is not None
         try:
-            self.output = self.net_g(self.lq)
+            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                                enabled=self.amp_dtype is not None):
+                self.output = self.net_g(self.lq)
         finally:
             self._recording = False
+        self.output = self.output.float()
         loss_dict = OrderedDict()
         l_pix = self.cri_pix(self.output, self.gt)
         loss_dict['l_pix'] = l_pix
         mode = self.cooperation
         if mode == 'off':
-            l_pix.backward()
+            self._backward(l_pix)
         else:
             feats = [x for _, x, _ in self._features]
             targets = [t for _, _, t in self._features] if self._needs_targets else None
@@ -256,18 +282,19 @@ class ODMModel(SRModel):
                 if self._log_this_step:
                     with torch.no_grad():
                         l_var = self.cri_var([f.detach() for f in feats], targets)
-                l_pix.backward()
+                self._backward(l_pix)
                 if self._log_this_step:
                     loss_dict['coop'] = torch.stack([rec[-1] for rec in self._coop_records.values()]).mean()
             else:
                 l_var = self.cri_var(feats, targets)
                 if mode == 'naive':
-                    (l_pix + l_var).backward()
+                    self._backward(l_pix + l_var)
                 else:
                     self._cooperate_params(l_pix, l_var, loss_dict)
             if l_var is not None:
                 loss_dict['l_var'] = l_var.detach()
-        self.optimizer_g.step()
+        self.grad_scaler.step(self.optimizer_g)  # unscales; skips the step if a float16 gradient overflowed
+        self.grad_scaler.update()
         self._features = []
         self.log_dict = self.reduce_loss_dict(loss_dict)
         if current_iter % self.log_layer_freq == 0:
@@ -280,13 +307,14 @@ class ODMModel(SRModel):
     def _cooperate_params(self, l_pix, l_var, loss_dict):
         """``param`` / ``cosine``: two gradients per parameter, averaged over ranks before they are compared."""
         params = [p for g in self.optimizer_g.param_groups for p in g['params'] if p.requires_grad]
-        grads_v = list(torch.autograd.grad(l_var, params, retain_graph=True, allow_unused=True))
+        grads_v = list(torch.autograd.grad(self.grad_scaler.scale(l_var), params, retain_graph=True,
+                                           allow_unused=True))
         # the 2024 version trains the weight clipping factors by the reconstruction loss only
         clip_factors = {id(m.weight_quant.gamma) for _, m in self.layers
                         if m.weight_quant is not None and m.weight_quant.clip_correction}
         grads_v = [None if id(p) in clip_factors else g for p, g in zip(params, grads_v)]
         all_reduce_mean_([g for g in grads_v if g is not None])
-        l_pix.backward()  # DDP averages this one
+        self._backward(l_pix)  # DDP averages this one; both gradients carry the same loss scale
         grads_r = [p.grad for p in params]
         if self.cooperation == 'param':
             combined, agree = gate_param_grads(grads_r, grads_v)
@@ -326,3 +354,7 @@ class ODMModel(SRModel):
             from torch.utils.tensorboard import SummaryWriter
             self._tb = SummaryWriter(log_dir=os.path.join(self.opt['root_path'], 'tb_logger', self.opt['name']))
         return getattr(self, '_tb', None)
+
+
+def _scaled(grad_fn, scale, x):
+    return grad_fn(x) * scale

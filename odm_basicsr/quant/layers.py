@@ -4,6 +4,7 @@ They subclass ``nn.Conv2d`` / ``nn.Linear`` and keep their ``weight`` and ``bias
 checkpoint of the original network loads into the quantized one unchanged. The quantizer state lives in the
 sub-modules ``act_quant`` and ``weight_quant`` (and ``offset`` when distribution offsets are used).
 """
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -30,6 +31,8 @@ class QuantizedLayerMixin:
         Without offset ``q(x)``; with a shift offset ``q(x - delta) + delta`` (``q(x - delta)`` once folded); with
         a scale offset ``q(x / rho)``, the scale being applied to the weight (see ``quant/offsets.py``).
         """
+        if x.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(x.device.type):
+            x = x.float()  # mixed precision: the grid arithmetic in float32; the operation itself autocasts
         offset = self.offset
         if offset is not None:
             x = offset.normalize(x, self.channel_dim)
