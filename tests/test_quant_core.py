@@ -197,6 +197,17 @@ def test_dtype_agnostic(dtype):
     assert y.dtype == dtype and torch.isfinite(y.float()).all()
 
 
+def test_half_inputs_become_float32_only_under_autocast():
+    from odm_basicsr.quant.layers import float32_under_autocast
+    x = torch.randn(2, 3, dtype=torch.bfloat16)
+    assert float32_under_autocast(x) is x  # a bfloat16 network without autocast keeps its dtype
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        y = float32_under_autocast(x)
+        assert y.dtype == torch.float32 and torch.equal(y, x.float())
+        f = torch.randn(2)
+        assert float32_under_autocast(f) is f
+
+
 def _toy():
     return nn.Sequential(nn.Conv2d(3, 4, 3), nn.Sequential(nn.Conv2d(4, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 1)),
                          nn.Linear(4, 2))

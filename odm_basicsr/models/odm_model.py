@@ -22,6 +22,7 @@ from odm_basicsr.odm.cooperation import (
     gate_param_grads,
 )
 from odm_basicsr.quant import all_initialized, calibration, quantized_layers, quantizer_state_keys
+from odm_basicsr.quant.layers import float32_under_autocast
 from odm_basicsr.quant.offsets import (
     attach_offsets,
     channel_statistics,
@@ -194,9 +195,7 @@ class ODMModel(SRModel):
         def hook(module, args):
             if not self._recording:
                 return None
-            x = args[0]
-            if x.dtype != torch.float32 and x.is_floating_point():
-                x = x.float()  # under autocast: statistics and the regulariser gradient in float32
+            x = float32_under_autocast(args[0])  # the regulariser and its gradient in float32
             target = module.quantize_input(x).detach() if self._needs_targets else None
             if self.cooperation != 'feature' or self._log_this_step:  # feature mode needs them only to log l_var
                 self._features.append((name, x, target))

@@ -12,6 +12,17 @@ from .fake_quant import FP_BITS, check_bits
 from .quantizers import ActQuantizer, WeightQuantizer
 
 
+def float32_under_autocast(x):
+    """``x`` as float32 when autocast is on for its device and ``x`` is half precision, else ``x`` itself.
+
+    Under mixed precision a layer's input arrives in float16/bfloat16; quantization grids and feature statistics
+    are computed in float32. A network that is half precision throughout (no autocast) stays as it is.
+    """
+    if x.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(x.device.type):
+        return x.float()
+    return x
+
+
 class QuantizedLayerMixin:
     """Shared machinery: quantize the input activation and the weight before the FP operation."""
 
@@ -31,8 +42,7 @@ class QuantizedLayerMixin:
         Without offset ``q(x)``; with a shift offset ``q(x - delta) + delta`` (``q(x - delta)`` once folded); with
         a scale offset ``q(x / rho)``, the scale being applied to the weight (see ``quant/offsets.py``).
         """
-        if x.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(x.device.type):
-            x = x.float()  # mixed precision: the grid arithmetic in float32; the operation itself autocasts
+        x = float32_under_autocast(x)  # the grid arithmetic in float32; the operation itself autocasts
         offset = self.offset
         if offset is not None:
             x = offset.normalize(x, self.channel_dim)
