@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from odm_helpers import run_on_gloo_ranks
 from torch import nn
 
 from odm_basicsr.losses.variance_loss import FeatureVarianceLoss, MismatchLoss
@@ -240,25 +240,18 @@ def test_all_reduce_mean_is_noop_without_process_group():
     assert out[0] is a and torch.equal(a, torch.tensor([1.0, 2.0])) and torch.equal(b, torch.tensor([[3.0]]))
 
 
-def _all_reduce_worker(rank, world_size, init_file, result_file):
-    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world_size)
-    try:
-        grads_r = [torch.tensor([1.0, -1.0]) * (rank + 1), torch.full((2, 2), float(rank), dtype=torch.float64)]
-        grads_v = [torch.tensor([[1.0, 3.0], [3.0, -1.0]][rank]), None]  # alone, rank 1 would gate [5, -3]
-        all_reduce_mean_(grads_r + grads_v)
-        combined, agree = gate_param_grads(grads_r, grads_v)
-        torch.save({'r': grads_r, 'v': grads_v, 'c': combined, 'agree': agree}, f'{result_file}.{rank}')
-    finally:
-        dist.destroy_process_group()
+def _gate_on_rank(rank):
+    grads_r = [torch.tensor([1.0, -1.0]) * (rank + 1), torch.full((2, 2), float(rank), dtype=torch.float64)]
+    grads_v = [torch.tensor([[1.0, 3.0], [3.0, -1.0]][rank]), None]  # alone, rank 1 would gate [5, -3]
+    all_reduce_mean_(grads_r + grads_v)
+    combined, agree = gate_param_grads(grads_r, grads_v)
+    return {'r': grads_r, 'v': grads_v, 'c': combined, 'agree': agree}
 
 
 @pytest.mark.slow
 def test_all_reduce_mean_two_ranks(tmp_path):
-    world_size = 2
-    # fork: the children inherit the imported modules instead of importing basicsr again (~10 s each)
-    mp.start_processes(_all_reduce_worker, args=(world_size, str(tmp_path / 'init'), str(tmp_path / 'res')),
-                       nprocs=world_size, join=True, start_method='fork')
-    results = [torch.load(f'{tmp_path / "res"}.{r}') for r in range(world_size)]
+    results = run_on_gloo_ranks(_gate_on_rank, tmp_path)
+    assert len(results) == 2
     for res in results:  # every rank averaged the same way and took the same decision
         assert torch.equal(res['r'][0], torch.tensor([1.5, -1.5]))
         assert torch.equal(res['r'][1], torch.full((2, 2), 0.5, dtype=torch.float64))

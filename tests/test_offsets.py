@@ -4,8 +4,7 @@ import math
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from odm_helpers import run_on_gloo_ranks
 from torch import nn
 
 from odm_basicsr.quant import (
@@ -116,25 +115,19 @@ def test_channel_statistics_records_inputs_without_changing_outputs():
         collect_channel_stats(net, [x], layers=['0'])
 
 
-def _stats_worker(rank, world_size, init_file, result_file):
-    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world_size)
-    try:
-        x = torch.arange(24, dtype=torch.float32).reshape(2, 3, 4) * (rank + 1)  # (B, C, L), rank-dependent
-        s = ChannelStats(3).update(x, 1).all_reduce_()
-        torch.save({'mean': s.mean(), 'std': s.std(), 'count': s.count}, f'{result_file}.{rank}')
-    finally:
-        dist.destroy_process_group()
+def _stats_on_rank(rank):
+    x = torch.arange(24, dtype=torch.float32).reshape(2, 3, 4) * (rank + 1)  # (B, C, L), rank-dependent
+    s = ChannelStats(3).update(x, 1).all_reduce_()
+    return {'mean': s.mean(), 'std': s.std(), 'count': s.count}
 
 
 @pytest.mark.slow
 def test_channel_stats_all_reduce_two_ranks(tmp_path):
-    world_size = 2
-    mp.start_processes(_stats_worker, args=(world_size, str(tmp_path / 'init'), str(tmp_path / 'res')),
-                       nprocs=world_size, join=True, start_method='fork')
+    results = run_on_gloo_ranks(_stats_on_rank, tmp_path)
     base = torch.arange(24, dtype=torch.float64).reshape(2, 3, 4)
     both = torch.cat([base, 2 * base])  # what one process would have seen
-    for r in range(world_size):
-        res = torch.load(f'{tmp_path / "res"}.{r}')
+    assert len(results) == 2
+    for res in results:
         assert int(res['count']) == 2 * 2 * 4
         assert torch.allclose(res['mean'], both.mean(dim=(0, 2)), atol=1e-10)
         assert torch.allclose(res['std'], both.std(dim=(0, 2), unbiased=False), atol=1e-10)
