@@ -38,6 +38,8 @@ TINY = {
     'RRDBNet': lambda s: dict(num_in_ch=3, num_out_ch=3, num_feat=8, num_block=1, num_grow_ch=4, scale=s),
     'SwinIR': lambda s: dict(upscale=s, img_size=8, window_size=4, embed_dim=8, depths=[2], num_heads=[2],
                              mlp_ratio=2, upsampler='pixelshuffledirect'),
+    # inputs below 15x15 (the sweeps' 8x8) run with RLFN's ESA pooling window clipped to the map (rlfn_arch.py)
+    'RLFN': lambda s: dict(num_feat=8, mid_feat=8, num_block=2, esa_feat=4, upscale=s),
 }
 
 

@@ -95,7 +95,11 @@ def test_param_level_modes_match_their_definition(mode):
         expected = [r + v if v is not None else r for r, v in zip(g_r, g_v)]
     elif mode == 'param':
         expected, agree = gate_param_grads(g_r, g_v)
-        assert model.log_dict['coop'] == pytest.approx(float(agree), abs=1e-6)
+        assert model.log_dict['agree'] == pytest.approx(float(agree), abs=1e-6)
+        # coop: the L1 share of g_v that passes the gate, by hand
+        applied = sum(float((v.abs() * (r * v > 0)).sum()) for r, v in zip(g_r, g_v) if v is not None)
+        total = sum(float(v.abs().sum()) for v in g_v if v is not None)
+        assert model.log_dict['coop'] == pytest.approx(applied / total, rel=1e-4)
     else:
         expected, weight, _ = cosine_combine(g_r, g_v)
         assert model.log_dict['coop'] == pytest.approx(float(weight), abs=1e-6)

@@ -1,22 +1,26 @@
 """ODM training math in plain PyTorch (no BasicSR import): gradient cooperation (METHOD.md 4.2)."""
 from odm_basicsr.odm.cooperation import (
     COOPERATION_MODES,
-    CooperativeGradient,
+    FeatureGate,
     all_reduce_mean_,
     check_mode,
+    coop_agree,
     cooperative_feature,
     cosine_combine,
     gate_param_grads,
+    gate_stats,
     sign_gate,
 )
 
 __all__ = [
     'COOPERATION_MODES',
-    'CooperativeGradient',
+    'FeatureGate',
     'all_reduce_mean_',
     'check_mode',
+    'coop_agree',
     'cooperative_feature',
     'cosine_combine',
     'gate_param_grads',
+    'gate_stats',
     'sign_gate',
 ]

@@ -2,8 +2,8 @@
 
 ``g_r`` is the reconstruction gradient, ``g_v`` the (already weighted) regularisation gradient.
 
-- ``feature`` mode: :func:`cooperative_feature` wraps each quantized layer's input; during the single backward
-  pass it replaces the incoming gradient ``g_r`` by ``sign_gate(g_r, g_v)`` with ``g_v`` in closed form.
+- ``feature`` mode: :class:`FeatureGate` hooks each quantized layer's input ``X_i``; during the single backward
+  pass it replaces the total gradient ``g_r`` at ``X_i`` by ``sign_gate(g_r, g_v)`` with ``g_v`` in closed form.
 - ``param`` mode: two backward passes give per-parameter ``g_r`` and ``g_v``; :func:`gate_param_grads`.
 - ``cosine`` mode (version 2): :func:`cosine_combine`.
 - ``naive`` mode: ``g_r + g_v`` (plain sum of the two losses); ``off``: no regularisation at all.
@@ -160,63 +160,115 @@ def cosine_combine(grads_r, grads_v):
     return combined, weight, cosine
 
 
-class CooperativeGradient(torch.autograd.Function):
-    """Identity in the forward pass; sign-gates the incoming gradient with a closed-form ``g_v`` in backward.
+def gate_stats(g_r, g_v):
+    """The counts behind the logged ``coop`` and ``agree`` of one sign-gated gradient, without a host sync.
 
-    Use through :func:`cooperative_feature`. Not twice differentiable.
+    Returns:
+        Tensor: float32, shape (4,): ``[sum |g_v| applied, sum |g_v|, elements agreeing, elements with g_v != 0]``.
+        :func:`coop_agree` turns sums of these (over layers) into the two ratios.
+    """
+    wide = torch.promote_types(g_r.dtype, torch.float32)
+    agree = (g_r.to(wide) * g_v.to(wide)) > 0
+    a = g_v.to(wide).abs()
+    return torch.stack([(a * agree).sum(), a.sum(), agree.sum().to(wide), (g_v != 0).sum().to(wide)]).float()
+
+
+def coop_agree(stats):
+    """``(coop, agree)`` from :func:`gate_stats` counts (or their sum over layers).
+
+    ``coop`` is the share of the regulariser's gradient that is applied, in L1 norm (the strength the gate lets
+    through: a ``naive`` run at ``coop * lambda`` applies as much regulariser gradient in total); ``agree`` the
+    fraction of elements with a regulariser gradient whose sign agrees with the reconstruction gradient. Both are
+    0 when the regulariser gradient is zero everywhere.
+    """
+    return stats[0] / stats[1].clamp_min(1e-30), stats[2] / stats[3].clamp_min(1)
+
+
+class FeatureGate:
+    """``feature``-mode cooperation for one forward/backward pass (METHOD.md 4.2).
+
+    :meth:`add` marks a quantized layer's input ``X_i``; in the backward pass a gradient hook on ``X_i`` itself
+    receives the **total** reconstruction gradient at ``X_i`` (summed over every consumer: the quantized layer, a
+    skip connection, a concat) and replaces it by ``g_r + g_v * [sign(g_v) == sign(g_r)]`` (or ``g_r + g_v`` with
+    ``gate=False``) before it flows on to the layers that produced ``X_i``. A tensor that feeds several quantized
+    layers gets one hook, with the sum of their ``g_v``.
+
+    Args:
+        gate (bool): Apply the sign gate (True) or add ``g_v`` unconditionally (False). Default: True.
+
+    Attributes:
+        enabled (bool): False passes gradients through unchanged (e.g. during a reconstruction-only pass).
+        stats (dict[str, list[Tensor]]): Per marked name, the :func:`gate_stats` of each backward pass, if
+            ``record`` was set in :meth:`add`.
     """
 
-    @staticmethod
-    def forward(ctx, x, grad_fn, record, gate):
-        ctx.save_for_backward(x)  # freed by autograd after the backward pass (unless retain_graph)
-        ctx.grad_fn = grad_fn
-        ctx.record = record
-        ctx.gate = gate
-        return x.view_as(x)
+    def __init__(self, gate=True):
+        self.gate = gate
+        self.enabled = True
+        self.stats = {}
+        self._marked = {}
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g_r):
-        if not ctx.needs_input_grad[0]:
-            return None, None, None, None
-        (x,) = ctx.saved_tensors
+    def add(self, x, grad_fn, name='', record=False):
+        """Mark ``x`` (a layer's input) with ``grad_fn(x) -> g_v`` (closed form, weighted, under no_grad)."""
+        if not x.requires_grad:
+            return x
+        entry = self._marked.get(id(x))
+        if entry is None:
+            # the hook holds a detached alias only: a hook holding x itself would form a cycle through autograd
+            payload = {'x': x.detach(), 'grad_fns': [], 'names': []}
+            self._marked[id(x)] = (x, payload)
+            x.register_hook(lambda g_r, payload=payload: self._hook(g_r, payload))
+        else:
+            payload = entry[1]
+        payload['grad_fns'].append(grad_fn)
+        payload['names'].append(name if record else None)
+        return x
+
+    def _hook(self, g_r, payload):
+        if not self.enabled:
+            return None
         with torch.no_grad():
-            g_v = ctx.grad_fn(x)
-            if ctx.record is not None:  # counting costs a little: only on the steps that are logged
-                combined, n_agree, n_active = _gate_counts(g_r, g_v)
-                ctx.record.append(_fraction(n_agree, n_active))
-            elif ctx.gate:
-                if g_v.shape != g_r.shape:
-                    raise ValueError(f'g_r shape {tuple(g_r.shape)} and g_v shape {tuple(g_v.shape)} differ')
-                combined = _gate(g_r, g_v)[0]
-            if not ctx.gate:
-                if g_v.shape != g_r.shape:
-                    raise ValueError(f'g_r shape {tuple(g_r.shape)} and g_v shape {tuple(g_v.shape)} differ')
-                combined = g_r + g_v.to(g_r.dtype)
-        return combined, None, None, None
+            g_v = None
+            for fn in payload['grad_fns']:
+                v = fn(payload['x'])
+                g_v = v if g_v is None else g_v + v
+            if g_v.shape != g_r.shape:
+                raise ValueError(f'g_r shape {tuple(g_r.shape)} and g_v shape {tuple(g_v.shape)} differ')
+            names = [n for n in payload['names'] if n is not None]
+            if names:  # counting costs a little: only on the steps that are logged
+                st = gate_stats(g_r, g_v)
+                if not self.gate:
+                    st = torch.stack([st[1], st[1], st[2], st[3]])
+                for n in names:
+                    self.stats.setdefault(n, []).append(st)
+            return _gate(g_r, g_v)[0] if self.gate else g_r + g_v.to(g_r.dtype)
+
+    def reset(self):
+        """Forget the marked tensors (call after each backward pass); ``stats`` are kept."""
+        self._marked = {}
 
 
 def cooperative_feature(x, grad_fn, record=None, gate=True):
-    """Mark a quantized layer's input for ``feature``-mode cooperation.
+    """Mark one feature for ``feature``-mode cooperation (a one-feature :class:`FeatureGate`).
 
-    Returns a tensor equal to ``x`` (a view). In the backward pass the gradient ``g_r`` that reaches it is
-    replaced by ``sign_gate(g_r, grad_fn(x))[0]`` before it flows on to ``x``.
+    Returns ``x`` itself. In the backward pass the total gradient ``g_r`` that reaches ``x`` is replaced by
+    ``sign_gate(g_r, grad_fn(x))[0]`` (``g_r + grad_fn(x)`` with ``gate=False``) before it flows on.
 
     Args:
-        x (Tensor): The feature ``X_i``, any shape, device and dtype.
+        x (Tensor): The feature ``X_i``, any shape, device and dtype. Nothing happens if it needs no gradient.
         grad_fn (callable): ``grad_fn(x) -> Tensor`` of ``x``'s shape: the closed-form, weighted regulariser
-            gradient, e.g. ``FeatureVarianceLoss.feature_grad`` or ``lambda x: mismatch.feature_grad(x, q(x))``
-            (the target must then be captured, detached, in the closure). Called under ``torch.no_grad()``.
-        record (list | None): If given, the backward pass appends the agree fraction of this feature as a
-            detached 0-d float32 tensor on ``x``'s device (no host sync; call ``float()`` when logging).
+            gradient, e.g. ``FeatureVarianceLoss.feature_grad``. Called under ``torch.no_grad()``.
+        record (list | None): If given, the backward pass appends the :func:`gate_stats` of this feature.
             Default: None.
-        gate (bool): True (default) applies the sign gate; False passes ``g_r + g_v`` on (the ``naive`` rule in
-            the same single backward pass, still recording the agree fraction).
+        gate (bool): True (default) applies the sign gate; False adds ``g_v`` unconditionally.
 
     Returns:
-        Tensor: Equal to ``x``.
+        Tensor: ``x``.
     """
-    return CooperativeGradient.apply(x, grad_fn, record, gate)
+    fg = FeatureGate(gate)
+    if record is not None:
+        fg.stats[''] = record
+    return fg.add(x, grad_fn, '', record is not None)
 
 
 def all_reduce_mean_(tensors):

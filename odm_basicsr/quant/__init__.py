@@ -1,5 +1,14 @@
 """Quantization core: plain PyTorch, no BasicSR import, usable on its own."""
-from .calibration import act_quantizers, all_initialized, calibration
+from .calibration import (
+    CALIBRATION_MODES,
+    CalibrationError,
+    act_quantizers,
+    all_initialized,
+    calibrate,
+    calibration,
+    check_ranges,
+    weights_unquantized,
+)
 from .fake_quant import FP_BITS, VALID_BITS, check_bits, clip_to_range, fake_quantize, round_ste
 from .layer_selection import quantizable_layers, quantized_layers, quantizer_state_keys, select_layers, swap_layers
 from .layers import QUANTIZED_TYPES, QConv2d, QLinear, QuantizedLayerMixin
@@ -23,11 +32,12 @@ from .offsets import (
     select_offset_layers,
     shift_init,
 )
-from .quantizers import ActQuantizer, WeightQuantizer, percentile
+from .quantizers import ActQuantizer, WeightQuantizer, mse_range, mse_symmetric_range, percentile
 
 __all__ = [
+    'CALIBRATION_MODES', 'CalibrationError', 'calibrate', 'check_ranges', 'weights_unquantized',
     'ActQuantizer', 'ChannelStats', 'DistributionOffset', 'FP_BITS', 'OFFSET_KINDS', 'QConv2d', 'QLinear',
-    'QUANTIZED_TYPES', 'QuantizedLayerMixin', 'VALID_BITS', 'WeightQuantizer', 'act_quantizers', 'add_offsets',
+    'QUANTIZED_TYPES', 'QuantizedLayerMixin', 'VALID_BITS', 'WeightQuantizer', 'mse_range', 'mse_symmetric_range', 'act_quantizers', 'add_offsets',
     'all_initialized', 'attach_offsets', 'calibration', 'channel_mismatch', 'channel_statistics', 'check_bits',
     'clip_to_range', 'collect_channel_stats', 'ensure_offsets_from_state', 'ensure_offsets_like', 'fake_quantize',
     'fold_offset', 'fold_offsets', 'mismatch_scores', 'offset_layers', 'offset_report', 'percentile',

@@ -42,6 +42,14 @@ class QuantizedLayerMixin:
         Without offset ``q(x)``; with a shift offset ``q(x - delta) + delta`` (``q(x - delta)`` once folded); with
         a scale offset ``q(x / rho)``, the scale being applied to the weight (see ``quant/offsets.py``).
         """
+        return self._through_quantizer(x, effective=False)
+
+    def effective_input(self, x):
+        """What the FP operation effectively sees, in the units of ``x``: ``q(x)``, ``q(x - delta) + delta`` with a
+        shift offset, ``rho * q(x / rho)`` with a scale offset (folded or not). The target of ``MismatchLoss``."""
+        return self._through_quantizer(x, effective=True)
+
+    def _through_quantizer(self, x, effective):
         x = float32_under_autocast(x)  # the grid arithmetic in float32; the operation itself autocasts
         offset = self.offset
         if offset is not None:
@@ -49,7 +57,7 @@ class QuantizedLayerMixin:
         if self.act_quant is not None:
             x = self.act_quant(x)
         if offset is not None:
-            x = offset.denormalize(x, self.channel_dim)
+            x = offset.restore(x, self.channel_dim) if effective else offset.denormalize(x, self.channel_dim)
         return x
 
     def quantized_weight(self):

@@ -482,6 +482,16 @@ class DistributionOffset(nn.Module):
             return x + _channel_view(self.delta, x.dim(), channel_dim)
         return x
 
+    def restore(self, x, channel_dim):
+        """Back to the units of the layer input: ``+ delta`` or ``* rho``, folded or not.
+
+        ``restore(q(normalize(x)))`` is what the layer's operation effectively sees, expressed in ``x``'s units
+        (the scale is carried by the weight, a folded shift by the bias).
+        """
+        if self.kind == 'shift':
+            return x + _channel_view(self.delta, x.dim(), channel_dim)
+        return x * _channel_view(self.effective_rho(), x.dim(), channel_dim)
+
     def scale_weight(self, w):
         """Before the weight quantizer: ``W * rho`` along the input channels (dim 1) for an unfolded scale."""
         if self.kind == 'scale' and not self._folded:

@@ -7,8 +7,12 @@ from torch import nn
 
 from .fake_quant import FP_BITS, check_bits, fake_quantize
 
-ACT_INIT_METHODS = ('percentile', 'minmax')
-WEIGHT_RANGE_METHODS = ('maxabs', 'percentile')
+ACT_INIT_METHODS = ('percentile', 'minmax', 'mse')
+WEIGHT_RANGE_METHODS = ('maxabs', 'percentile', 'mse')
+#: Candidate clipping fractions of the MSE range search (of max |x| for weights, of min / max for activations).
+MSE_FRACTIONS = 64
+#: Activation elements the MSE search looks at per batch (a strided subsample of larger inputs).
+MSE_MAX_ELEMENTS = 1 << 17
 WEIGHT_GRANULARITIES = ('layer', 'channel')
 
 
@@ -38,6 +42,72 @@ def percentile(x, q, dim=None):
     return x.float().kthvalue(k, dim=dim).values
 
 
+def _quant_error(x, lower, upper, bits):
+    """Sum of squared fake-quantization errors of ``x`` for each candidate range.
+
+    Args:
+        x (Tensor): Shape (..., N): the values, float32.
+        lower, upper (Tensor): Candidate bounds, shape (K, ...) broadcastable against ``x`` with a new leading
+            dim K (e.g. (K, 1) for x of shape (N,), (K, C, 1) for x of shape (C, N)).
+        bits (int): Bit width.
+
+    Returns:
+        Tensor: Shape (K, ...): the error per candidate (and channel).
+    """
+    step = (upper - lower) / (2**bits - 1)
+    q = torch.round((torch.minimum(torch.maximum(x, lower), upper) - lower) / step) * step + lower
+    return (q - x).square().sum(-1)
+
+
+@torch.no_grad()
+def mse_symmetric_range(a, bits, fractions=MSE_FRACTIONS):
+    """The ``u`` of the symmetric range ``[-u, u]`` minimising the quantization MSE of ``a``, per row.
+
+    Searches ``u = f * max|a|`` over ``fractions`` values of ``f`` evenly spaced in (0, 1].
+
+    Args:
+        a (Tensor): Shape (C, N): C independent rows (one per layer or per output channel).
+        bits (int): Bit width.
+
+    Returns:
+        Tensor: Shape (C,), float32.
+    """
+    a = a.float()
+    top = a.abs().amax(dim=1).clamp_min(1e-12)  # (C,)
+    f = torch.linspace(1.0 / fractions, 1.0, fractions, device=a.device)  # (K,)
+    u = f.view(-1, 1, 1) * top.view(1, -1, 1)  # (K, C, 1)
+    err = _quant_error(a.unsqueeze(0), -u, u, bits)  # (K, C)
+    return u.squeeze(-1).gather(0, err.argmin(0, keepdim=True)).squeeze(0)
+
+
+@torch.no_grad()
+def mse_range(x, bits, fractions=MSE_FRACTIONS, rounds=2, max_elements=MSE_MAX_ELEMENTS):
+    """(lower, upper) minimising the quantization MSE of ``x`` on ``2**bits`` levels.
+
+    Coordinate descent from ``[min, max]``: ``rounds`` times, ``upper = f * max`` then ``lower = f * min`` with
+    ``f`` over ``fractions`` values in (0, 1], each chosen with the other bound fixed. A non-negative input keeps
+    ``lower = 0`` exactly (after ReLU). Inputs larger than ``max_elements`` are subsampled with a fixed stride
+    (deterministic); the search bounds are the full input's min and max.
+
+    Returns:
+        Tensor: Shape (2,), float32.
+    """
+    flat = x.detach().reshape(-1).float()
+    lo, hi = flat.min(), flat.max()
+    if flat.numel() > max_elements:
+        flat = flat[::-(-flat.numel() // max_elements)]
+    f = torch.linspace(1.0 / fractions, 1.0, fractions, device=flat.device).view(-1, 1)
+    lower, upper = lo.clone(), hi.clone()
+    for _ in range(rounds):
+        if hi > 0:
+            cand = (f * hi).clamp_min(lower + 1e-6 * (hi - lo).abs().clamp_min(1e-12))
+            upper = cand[_quant_error(flat, lower, cand, bits).argmin()].squeeze()
+        if lo < 0:
+            cand = (f * lo).clamp_max(upper - 1e-6 * (hi - lo).abs().clamp_min(1e-12))
+            lower = cand[_quant_error(flat, cand, upper, bits).argmin()].squeeze()
+    return torch.stack([lower, upper])
+
+
 def _all_reduce_mean(t):
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         t = t.clone()
@@ -59,7 +129,8 @@ class ActQuantizer(nn.Module):
 
     Args:
         bits (int): 2 to 8. (Use no quantizer at all for 32.)
-        init (str): ``'percentile'`` (lower/upper = the ``100 - p`` and ``p`` percentiles) or ``'minmax'``.
+        init (str): ``'percentile'`` (lower/upper = the ``100 - p`` and ``p`` percentiles), ``'minmax'`` or
+            ``'mse'`` (the range minimising the quantization MSE at ``bits``, :func:`mse_range`).
             Default: 'percentile'.
         init_percentile (float): ``p`` for ``init='percentile'``. Default: 99.
         learnable (bool): Whether the bounds receive gradients. Default: True.
@@ -96,6 +167,8 @@ class ActQuantizer(nn.Module):
         x = x.detach()
         if self.init == 'minmax':
             return torch.stack([x.min().float(), x.max().float()])
+        if self.init == 'mse':
+            return mse_range(x, self.bits)
         p = self.init_percentile
         return torch.stack([percentile(x, 100.0 - p), percentile(x, p)])
 
@@ -126,7 +199,7 @@ class ActQuantizer(nn.Module):
         self.set_range(stats[0], stats[1])
 
     def forward(self, x):
-        if self.calibrating:  # calibration sees the FP network
+        if self.calibrating:  # record and pass through: what the next layers see is set by calibration()
             self._calib_stats.append(self.batch_range(x))
             return x
         if not self.initialized:
@@ -140,27 +213,33 @@ class ActQuantizer(nn.Module):
 class WeightQuantizer(nn.Module):
     """Symmetric weight quantizer ``[-u, u]``, ``u`` recomputed from the current weights at every call.
 
-    ``u`` is max |W| or a percentile of |W|, per layer or per output channel (dim 0). With ``clip_correction``
-    (the 2024 version's weight clipping correction) ``u = percentile(|W|) * gamma`` with one learnable
-    ``gamma`` per layer, initialised to 1. The range itself is not differentiated w.r.t. the weights.
+    ``u`` is max |W|, a percentile of |W|, or the ``u`` minimising the quantization MSE of ``W`` at ``bits``
+    (:func:`mse_symmetric_range`), per layer or per output channel (dim 0). With ``clip_correction`` (the 2024
+    version's weight clipping correction) ``u = u(W) * gamma`` with one learnable ``gamma`` per layer,
+    initialised to 1; ``range_method=None`` then means the 2024 version's percentile. The range itself is not
+    differentiated w.r.t. the weights. ``enabled = False`` (set by FP calibration) passes the weight through.
 
     Args:
         bits (int): 2 to 8.
         granularity (str): ``'layer'`` or ``'channel'``. Default: 'layer'.
-        range_method (str): ``'maxabs'`` or ``'percentile'``. Default: 'maxabs'.
-        percentile (float): Percentile of |W| for ``'percentile'`` and for clip correction. Default: 99.
+        range_method (str | None): ``'maxabs'``, ``'percentile'`` or ``'mse'``; None: ``'percentile'`` with
+            clip correction, else ``'maxabs'``. Default: None.
+        percentile (float): Percentile of |W| for ``'percentile'``. Default: 99.
         clip_correction (bool): Learnable per-layer factor on the range. Default: False.
     """
 
-    def __init__(self, bits=4, granularity='layer', range_method='maxabs', percentile=99.0, clip_correction=False):
+    def __init__(self, bits=4, granularity='layer', range_method=None, percentile=99.0, clip_correction=False):
         super().__init__()
         self.bits = check_bits(bits, 'w_bits')
         if self.bits == FP_BITS:
             raise ValueError('WeightQuantizer needs 2..8 bits; leave the layer unquantized for 32')
         self.granularity = _check_choice(granularity, WEIGHT_GRANULARITIES, 'weight_granularity')
+        self.clip_correction = bool(clip_correction)
+        if range_method is None:
+            range_method = 'percentile' if self.clip_correction else 'maxabs'
         self.range_method = _check_choice(range_method, WEIGHT_RANGE_METHODS, 'weight_range')
         self.percentile = _check_percentile(percentile, 'weight_percentile')
-        self.clip_correction = bool(clip_correction)
+        self.enabled = True
         if self.clip_correction:
             self.gamma = nn.Parameter(torch.tensor(1.0))
 
@@ -172,16 +251,19 @@ class WeightQuantizer(nn.Module):
     def weight_range(self, w):
         """Range ``u`` (without ``gamma``): shape () per layer, (out_channels, 1, ...) per channel."""
         a = w.detach().abs()
-        use_percentile = self.range_method == 'percentile' or self.clip_correction
-        if self.granularity == 'layer':
-            u = percentile(a, self.percentile) if use_percentile else a.max().float()
+        rows = a.reshape(1, -1) if self.granularity == 'layer' else a.reshape(a.shape[0], -1)
+        if self.range_method == 'percentile':
+            u = percentile(rows, self.percentile, dim=1)
+        elif self.range_method == 'mse':
+            u = mse_symmetric_range(rows, self.bits)
         else:
-            flat = a.reshape(a.shape[0], -1)
-            u = percentile(flat, self.percentile, dim=1) if use_percentile else flat.max(dim=1).values.float()
-            u = u.reshape(-1, *([1] * (w.dim() - 1)))
+            u = rows.amax(dim=1).float()
+        u = u.reshape(()) if self.granularity == 'layer' else u.reshape(-1, *([1] * (w.dim() - 1)))
         return u.clamp_min(1e-8).to(w.dtype)
 
     def forward(self, w):
+        if not self.enabled:
+            return w
         u = self.weight_range(w)
         if self.clip_correction:
             u = u * self.gamma.abs().to(w.dtype)
