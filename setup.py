@@ -22,6 +22,7 @@ setup(
         'numpy',
         'opencv-python',
         'lmdb',
+        'matplotlib',  # odm-inspect's figure
         'pyyaml',
         'scikit-image',  # embedded demo photos (skimage.data)
         'scipy<2',  # basicsr 1.4.2 imports scipy.ndimage.filters, removed in SciPy 2
@@ -37,6 +38,7 @@ setup(
             'odm-cost=odm_basicsr.cost:main',
             'odm-demo=odm_basicsr.demo:main',
             'odm-eval=odm_basicsr.evaluate:main',
+            'odm-inspect=odm_basicsr.inspect_layers:main',
         ],
     },
 )

@@ -8,14 +8,38 @@ def _normalise_argv(argv):
     return [a.replace('--local-rank', '--local_rank', 1) if a.startswith('--local-rank') else a for a in argv]
 
 
+def _fail(is_train, message, status):
+    """One line ``odm-train: error: <message>`` (``odm-test``) on stderr, then exit with ``status``."""
+    print(f'{"odm-train" if is_train else "odm-test"}: error: {message}', file=sys.stderr, flush=True)
+    sys.exit(status)
+
+
+def _log_to_files(message):
+    """Record ``message`` in the log files of BasicSR's logger (if any), not on the console."""
+    import logging
+
+    logger = logging.getLogger('basicsr')
+    for handler in logger.handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(logger.makeRecord(logger.name, logging.ERROR, __file__, 0, message, None, None))
+
+
 def run_pipeline(is_train, argv=None):
     """Run BasicSR's ``train_pipeline`` / ``test_pipeline`` with this plugin registered.
 
     Outputs (``experiments/``, ``results/``, ``tb_logger/``) go under the current directory. Options are checked
     by :func:`odm_basicsr.utils.option_check.check_options` right after BasicSR parses them, before any folder is
-    created; a mistake ends the program with a one-line message and exit status 2.
+    created; a mistake (or a missing option file) ends the program with a one-line message and exit status 2.
+
+    A non-finite network ends it with a one-line message (also written to the run's log file) and exit status 3:
+    a checkpoint to load (``pretrain_network_g``, resume state) holding NaN / Inf values, a checkpoint that would be
+    written with them (it is not written) (:class:`odm_basicsr.guards.NonFiniteError`), or a training run that
+    diverged (:class:`odm_basicsr.guards.TrainingDivergedError`).
+
+    Exit status: 0 done, 2 option error, 3 non-finite network / diverged training (others: an unexpected error).
     """
     import odm_basicsr  # noqa: F401  (compatibility fixes + registration, before basicsr is used)
+    from odm_basicsr.guards import NonFiniteError, TrainingDivergedError
     from odm_basicsr.utils.option_check import OptionError, check_options
 
     if is_train:
@@ -35,12 +59,16 @@ def run_pipeline(is_train, argv=None):
     sys.argv = [sys.argv[0]] + _normalise_argv(sys.argv[1:] if argv is None else list(argv))
     opt_index = sys.argv.index('-opt') + 1 if '-opt' in sys.argv else None
     if opt_index is not None and opt_index < len(sys.argv) and not os.path.isfile(sys.argv[opt_index]):
-        sys.exit(f'{os.path.basename(sys.argv[0])}: error: option file not found: {sys.argv[opt_index]}')
+        _fail(is_train, f'option file not found: {sys.argv[opt_index]}', 2)
     pipeline_module.parse_options = parse_and_check
     try:
         run = pipeline_module.train_pipeline if is_train else pipeline_module.test_pipeline
         run(os.getcwd())
     except OptionError as e:
-        sys.exit(f'{os.path.basename(sys.argv[0])}: error: {e}')
+        _fail(is_train, e, 2)
+    except (NonFiniteError, TrainingDivergedError) as e:
+        message = ' '.join(str(e).split())
+        _log_to_files(f'{type(e).__name__}: {message}')
+        _fail(is_train, message, 3)
     finally:
         pipeline_module.parse_options = original_parse

@@ -11,7 +11,10 @@ What it changes (each item is a trap of BASICSR_NOTES.md):
    initialised after the EMA copy was made.
 4. Checkpoints: networks and training states are written atomically (temporary file + rename) and loaded with
    ``weights_only=True``. Loading a network reports quantizer entries that an FP checkpoint lacks as expected;
-   any other mismatch with ``strict_load_g: true`` is an error naming the file and the keys.
+   any other mismatch with ``strict_load_g: true`` is an error naming the file and the keys. A network or
+   training state holding a NaN / Inf tensor is never written (``odm_basicsr.guards.NonFiniteError`` names the
+   file not written and the keys; a file already there stays as it was), nor loaded as a network, pretrained
+   network or resume state.
 5. Distributed training on CPU: the ``pytorch`` launcher falls back to the ``gloo`` backend when CUDA is absent,
    and DDP wraps CPU models without ``device_ids``.
 6. ``optim_g.type`` accepts Adam, AdamW, Adamax, SGD, RMSprop (1.4.2 only knows Adam).
@@ -28,6 +31,8 @@ import types
 
 import numpy as np
 import torch
+
+from odm_basicsr.guards import check_finite
 
 _APPLIED = False
 _RESUMED = {}  # iteration and epoch of the state that load_resume_state returned
@@ -145,6 +150,7 @@ def _patch_resume():
         if resume_state_path is None:
             return None
         resume_state = load_checkpoint(resume_state_path)
+        check_finite(resume_state, f'training state {resume_state_path}', 'refusing to resume from it')
         check_resume(opt, resume_state['iter'])
         _RESUMED.update(iter=resume_state['iter'], epoch=resume_state['epoch'])
         return resume_state
@@ -179,6 +185,9 @@ def _patch_sampler():
     EnlargedSampler.__iter__ = __iter__
 
 
+_KEPT = 'nothing was written (a file already there is left as it was)'
+
+
 def _patch_base_model():
     from basicsr.models.base_model import BaseModel
     from basicsr.utils import get_root_logger
@@ -211,7 +220,7 @@ def _patch_base_model():
 
     @master_only
     def save_network(self, net, net_label, current_iter, param_key='params'):
-        """BasicSR's save_network, written atomically."""
+        """BasicSR's save_network, written atomically; refused (nothing written) for a non-finite network."""
         current_iter = 'latest' if current_iter == -1 else current_iter
         save_path = os.path.join(self.opt['path']['models'], f'{net_label}_{current_iter}.pth')
         nets = net if isinstance(net, list) else [net]
@@ -222,11 +231,15 @@ def _patch_base_model():
         for net_, key in zip(nets, keys):
             state_dict = self.get_bare_model(net_).state_dict()
             save_dict[key] = {k[7:] if k.startswith('module.') else k: v.cpu() for k, v in state_dict.items()}
+        check_finite(save_dict, f'not writing {save_path}: the network', _KEPT)
         atomic_torch_save(save_dict, save_path)
 
     @master_only
     def save_training_state(self, epoch, current_iter):
-        """BasicSR's save_training_state, written atomically (after the network file it refers to)."""
+        """BasicSR's save_training_state, written atomically (after the network file it refers to).
+
+        Refused (nothing written) when the optimizer state holds a non-finite value.
+        """
         if current_iter == -1:
             return
         state = {'epoch': epoch, 'iter': current_iter,
@@ -236,18 +249,22 @@ def _patch_base_model():
         scaler = getattr(self, 'grad_scaler', None)
         if scaler is not None and scaler.is_enabled():
             state['grad_scaler'] = scaler.state_dict()
-        atomic_torch_save(state, os.path.join(self.opt['path']['training_states'], f'{current_iter}.state'))
+        save_path = os.path.join(self.opt['path']['training_states'], f'{current_iter}.state')
+        check_finite(state, f'not writing {save_path}: the training state', _KEPT)
+        atomic_torch_save(state, save_path)
 
     def load_network(self, net, load_path, strict=True, param_key='params'):
         """Load ``param_key`` of ``load_path`` into ``net``.
 
         Quantizer entries that the checkpoint lacks (an FP checkpoint) are expected; with ``strict`` every
-        other missing, unexpected or differently shaped key is an error.
+        other missing, unexpected or differently shaped key is an error. A state with NaN / Inf values is refused
+        (``NonFiniteError``).
         """
         logger = get_root_logger()
         net = self.get_bare_model(net)
         key, state = select_state_dict(load_checkpoint(load_path), param_key,
                                        fallback=None if param_key is None else 'params', source=load_path)
+        check_finite(state, f'checkpoint {load_path}' + (f' [{key}]' if key else ''), 'refusing to load it')
         if key != param_key and key is not None:
             logger.info(f'Loading: {param_key} does not exist in {load_path}, use {key}.')
         param_key = key

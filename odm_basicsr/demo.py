@@ -2,7 +2,8 @@
 
 Stages, each a real ``python -m odm_basicsr.train`` run on BasicSR option files written into the work folder:
 
-1. ``fp``: FP EDSR trained from scratch (``SRModel``).
+1. ``fp``: FP EDSR trained from scratch (``SRModel``); with ``--pretrained-opt NET.yml --pretrained CKPT.pth``
+   not trained: the FP row is that pretrained network, and the QAT stages start from its weights.
 2. Per bit width b: ``w<b>_baseline`` (``ODMModel``, ``cooperation: off``, no offsets: plain QAT) and ``w<b>_odm``
    (``cooperation: feature``, ``FeatureVarianceLoss``, top-25 % distribution offsets), both from the FP checkpoint
    with the identical recipe, seed and data; with ``--controls`` also ``w<b>_naive_half`` (``cooperation: naive``
@@ -58,7 +59,7 @@ IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp')
 
 EPILOG = f"""\
 stages (each a real `python -m odm_basicsr.train -opt <work>/options/<stage>.yml` run, cwd = the work folder):
-  fp               FP EDSR from scratch (SRModel), Adam lr {FP_LR:g}
+  fp               FP EDSR from scratch (SRModel), Adam lr {FP_LR:g}; not run with --pretrained (below)
   w<b>_baseline    plain QAT from the FP checkpoint: ODMModel, cooperation: off, no offsets, Adam lr {QAT_LR:g}
   w<b>_odm         the same recipe + FeatureVarianceLoss (--var-weight, cooperation: feature) + distribution
                    offsets (top 25 % of the quantized layers)
@@ -74,6 +75,20 @@ evaluation:
   Held-out embedded val photos (chelsea, rocket; centre {VAL_SIZE} px), Y-channel PSNR / SSIM with a border of
   `scale` px (BasicSR's calculate_psnr / calculate_ssim, test_y_channel), bicubic by BasicSR's MATLAB imresize.
   Two small photos and one seed: differences of a few hundredths of a dB are noise, not findings.
+--pretrained-opt NET.yml --pretrained CKPT.pth (always together):
+  Start from a trained FP network instead of the fp stage, e.g.
+    odm-demo --pretrained-opt options/test/RLFN/test_RLFN_x4.yml --pretrained RLFN_cut_x4_ntire22.pth --bits 2
+  NET.yml is a BasicSR option file whose network_g is the FP network (as odm-eval reads it), or a network_g-only
+  YAML; its scale is the file's `scale` key or else the arch's `upscale` (a different --scale is an error, and
+  --num-feat, --num-block, --fp-iters do not apply). CKPT.pth: a BasicSR checkpoint (--param-key, falling back to
+  `params`) or a plain state dict; it must load strictly into network_g. The network must take RGB in [0, 1].
+  Nothing trains before both files are checked. The fp row is CKPT.pth evaluated as the other rows are (no
+  train time); the QAT stages are network_g: {{type: Quantized, arch: <network_g>, ...}} with
+  path.pretrain_network_g: CKPT.pth. Training data and validation: as without it (embedded photos, or --data).
+--layers:
+  Which layers the QAT stages quantize: `default` (the arch's preset, see layer_presets.py; for EDSR the two convs
+  of every residual block), `all` (every Conv2d/Linear except the first and the last) or glob / "re:" patterns
+  on module names (several allowed). Checked before anything trains.
 --data:
   A folder of HR images (or a folder with an HR/ subfolder). The LR images are made once, with the same MATLAB
   bicubic as the benchmarks, as 8-bit PNGs under <work>/data_x<scale>/ (HR cropped to a multiple of the scale)
@@ -124,24 +139,28 @@ def _var_weight(text):
 def build_parser():
     parser = argparse.ArgumentParser(
         prog='odm-demo',
-        description='A complete mini-experiment: FP EDSR, then plain QAT vs ODM at each bit width, evaluated on '
-                    'held-out photos. Runs on the photos bundled with scikit-image (no download); the defaults '
-                    'took 8 minutes on 2 CPU cores shared with other jobs (less on idle cores).',
+        description='A complete mini-experiment: FP EDSR (or a pretrained FP network: --pretrained-opt, '
+                    '--pretrained), then plain QAT vs ODM at each bit width, evaluated on held-out photos. Runs on '
+                    'the photos bundled with scikit-image (no download); the defaults took 8 minutes on 2 CPU '
+                    'cores shared with other jobs (less on idle cores).',
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--out', default=DEFAULT_OUT, help=f'work folder (default {DEFAULT_OUT}); re-running with '
                         'the same folder skips the finished stages')
     parser.add_argument('--bits', type=_bit_width, nargs='+', default=list(DEFAULT_BITS), metavar='B',
                         help=f'bit widths W=A of the QAT stages, 2..8 (default {" ".join(map(str, DEFAULT_BITS))})')
-    parser.add_argument('--fp-iters', type=_positive_int, default=DEFAULT_FP_ITERS,
-                        help=f'iterations of the FP stage (default {DEFAULT_FP_ITERS})')
+    parser.add_argument('--fp-iters', type=_positive_int, default=None,
+                        help=f'iterations of the FP stage (default {DEFAULT_FP_ITERS}; not with --pretrained)')
     parser.add_argument('--qat-iters', type=_positive_int, default=DEFAULT_QAT_ITERS,
                         help=f'iterations of each QAT stage (default {DEFAULT_QAT_ITERS})')
-    parser.add_argument('--num-feat', type=_positive_int, default=DEFAULT_NUM_FEAT,
-                        help=f'EDSR channels (default {DEFAULT_NUM_FEAT})')
-    parser.add_argument('--num-block', type=_positive_int, default=DEFAULT_NUM_BLOCK,
-                        help=f'EDSR residual blocks (default {DEFAULT_NUM_BLOCK})')
-    parser.add_argument('--scale', type=int, choices=(2, 3, 4), default=DEFAULT_SCALE,
-                        help=f'upscaling factor (default {DEFAULT_SCALE})')
+    parser.add_argument('--num-feat', type=_positive_int, default=None,
+                        help=f'EDSR channels (default {DEFAULT_NUM_FEAT}; not with --pretrained)')
+    parser.add_argument('--num-block', type=_positive_int, default=None,
+                        help=f'EDSR residual blocks (default {DEFAULT_NUM_BLOCK}; not with --pretrained)')
+    parser.add_argument('--scale', type=int, choices=(2, 3, 4), default=None,
+                        help=f'upscaling factor (default {DEFAULT_SCALE}; with --pretrained-opt the network\'s scale)')
+    parser.add_argument('--layers', nargs='+', default=['default'], metavar='L',
+                        help='layers the QAT stages quantize: default (the arch\'s preset; default), all (every '
+                             'conv/linear but the first and last) or glob / "re:" patterns on module names')
     parser.add_argument('--var-weight', type=_var_weight, default=DEFAULT_VAR_WEIGHT,
                         help=f'variance-loss weight lambda_var of the odm stages (default {DEFAULT_VAR_WEIGHT:g})')
     parser.add_argument('--controls', action='store_true',
@@ -150,6 +169,14 @@ def build_parser():
                         help='train on this folder of HR images instead of the embedded photos (see below)')
     parser.add_argument('--device', choices=('cpu', 'cuda', 'auto'), default='auto',
                         help='cpu (num_gpu: 0), cuda (num_gpu: 1) or auto (a GPU if there is one; default)')
+    group = parser.add_argument_group('pretrained FP network (skips the fp stage; see below)')
+    group.add_argument('--pretrained-opt', default=None, metavar='NET.yml',
+                       help='option file whose network_g is the FP network (or a network_g-only YAML)')
+    group.add_argument('--pretrained', default=None, metavar='CKPT.pth',
+                       help='its weights: a BasicSR checkpoint or a plain state dict')
+    group.add_argument('--param-key', default='params_ema',
+                       help='checkpoint entry of --pretrained (default params_ema, falling back to params, then to '
+                            'a plain state dict)')
     return parser
 
 
@@ -157,6 +184,17 @@ def parse_args(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     args.bits = list(dict.fromkeys(args.bits))  # unique, in the given order
+    args.layers = _layers_option(parser, args.layers)
+    if args.pretrained_opt is None and args.pretrained is None:
+        args.pretrained_net = args.pretrained_key = None
+        args.scale = DEFAULT_SCALE if args.scale is None else args.scale
+        args.num_feat = DEFAULT_NUM_FEAT if args.num_feat is None else args.num_feat
+        args.num_block = DEFAULT_NUM_BLOCK if args.num_block is None else args.num_block
+        args.fp_iters = DEFAULT_FP_ITERS if args.fp_iters is None else args.fp_iters
+        if args.layers != 'default':
+            _check_quantized(parser, edsr_arch(args), args)
+    else:
+        _check_pretrained(parser, args)
     if args.data is not None:
         if not os.path.isdir(args.data):
             parser.error(f'--data: folder not found: {args.data}')
@@ -171,6 +209,78 @@ def parse_args(argv=None):
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         parser.error(f'--out: {args.out} exists and is not a folder')
     return args
+
+
+def _layers_option(parser, values):
+    """``--layers`` values -> ``'default'``, ``'all'`` or a list of patterns (as ``Quantized`` takes them)."""
+    if len(values) == 1 and values[0] in ('default', 'all'):
+        return values[0]
+    if any(v in ('default', 'all') for v in values):
+        parser.error(f'--layers: "default" and "all" stand alone, got {" ".join(values)}')
+    return list(dict.fromkeys(values))
+
+
+def _one_line(text):
+    return ' '.join(str(text).split())
+
+
+def _check_quantized(parser, net_opt, args):
+    """Build the QAT stages' network once, so that a bad --layers fails here and not inside a training run."""
+    from odm_basicsr.archs.quantized_arch import Quantized  # (imports odm_basicsr first: compat, registration)
+
+    try:
+        Quantized(deepcopy(net_opt), w_bits=args.bits[0], a_bits=args.bits[0], layers=deepcopy(args.layers))
+    except Exception as e:  # noqa: BLE001  (any build error is the user's option: report it in one line)
+        shown = args.layers if isinstance(args.layers, str) else ' '.join(args.layers)
+        parser.error(f'--layers {shown}: {_one_line(e)} (the QAT network: --layers all, or patterns)')
+
+
+def _check_pretrained(parser, args):
+    """Check --pretrained-opt / --pretrained before anything runs; set pretrained_net, pretrained_key, scale."""
+    if args.pretrained_opt is None or args.pretrained is None:
+        given, missing = (('--pretrained-opt', '--pretrained') if args.pretrained is None
+                          else ('--pretrained', '--pretrained-opt'))
+        parser.error(f'{given} needs {missing} too: give the network\'s option file (--pretrained-opt NET.yml) and '
+                     'its weights (--pretrained CKPT.pth) together')
+    for flag, value in (('--num-feat', args.num_feat), ('--num-block', args.num_block),
+                        ('--fp-iters', args.fp_iters)):
+        if value is not None:
+            parser.error(f'{flag} does not apply with --pretrained: the network comes from --pretrained-opt and the '
+                         'fp stage is not trained')
+    from odm_basicsr.evaluate import EvalError, build_network, load_net_options, load_weights
+
+    if not os.path.isfile(args.pretrained_opt):
+        parser.error(f'--pretrained-opt: option file not found: {args.pretrained_opt}')
+    if not os.path.isfile(args.pretrained):
+        parser.error(f'--pretrained: checkpoint file not found: {args.pretrained}')
+    try:
+        net_opt, scale = load_net_options(args.pretrained_opt)
+    except EvalError as e:
+        parser.error(f'--pretrained-opt: {_one_line(e)}')
+    if net_opt['type'] == 'Quantized':
+        parser.error(f'--pretrained-opt: {args.pretrained_opt}: network_g is Quantized; give the FP network (the '
+                     'demo wraps it in Quantized for the QAT stages)')
+    upscale = net_opt.get('upscale', net_opt.get('scale'))
+    if upscale is not None and int(upscale) != scale:
+        parser.error(f'--pretrained-opt: {args.pretrained_opt}: scale {scale} conflicts with network_g upscale '
+                     f'{upscale}')
+    if args.scale is not None and args.scale != scale:
+        parser.error(f'--scale {args.scale} conflicts with the x{scale} network of {args.pretrained_opt}: leave '
+                     '--scale out (it comes from the network)')
+    if scale not in (2, 3, 4):
+        parser.error(f'--pretrained-opt: {args.pretrained_opt}: a x{scale} network; the demo runs x2, x3 or x4')
+    try:
+        net = build_network(net_opt)
+    except EvalError as e:
+        parser.error(f'--pretrained-opt: {_one_line(e)}')
+    try:
+        key = load_weights(net, args.pretrained, args.param_key)
+    except EvalError as e:
+        parser.error(f'--pretrained: {_one_line(e)}')
+    del net
+    args.pretrained_opt, args.pretrained = os.path.abspath(args.pretrained_opt), os.path.abspath(args.pretrained)
+    args.pretrained_net, args.pretrained_key, args.scale = net_opt, key, scale
+    _check_quantized(parser, net_opt, args)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -236,17 +346,33 @@ def prepare_paired_data(hr_paths, out, scale, min_size, log=print):
 # ---------------------------------------------------------------------------------------------------------------
 
 class Stage:
-    def __init__(self, name, method, bits, opt):
+    """One row of the study. ``checkpoint``: a given file (a pretrained FP network, not trained here: ``opt`` then
+    only holds its ``network_g``) instead of the stage's own ``experiments/<name>/models/net_g_latest.pth``."""
+
+    def __init__(self, name, method, bits, opt, checkpoint=None, param_key='params'):
         self.name, self.method, self.bits, self.opt = name, method, bits, opt
+        self._checkpoint, self.param_key = checkpoint, param_key
+
+    @property
+    def pretrained(self):
+        return self._checkpoint is not None
 
     @property
     def checkpoint(self):
+        if self._checkpoint is not None:
+            return self._checkpoint
         return os.path.join('experiments', self.name, 'models', 'net_g_latest.pth')
 
 
 def edsr_arch(args):
     return {'type': 'EDSR', 'num_in_ch': 3, 'num_out_ch': 3, 'num_feat': args.num_feat, 'num_block': args.num_block,
             'upscale': args.scale}
+
+
+def fp_arch(args):
+    """``network_g`` of the FP network: the pretrained one (``args.pretrained_net``) or the demo's EDSR."""
+    net = getattr(args, 'pretrained_net', None)
+    return deepcopy(net) if net is not None else edsr_arch(args)
 
 
 def val_dataset_opt():
@@ -278,7 +404,7 @@ def base_options(name, args, train_set, total_iter, lr, milestones):
         'num_gpu': _num_gpu(args.device),
         'manual_seed': SEED,
         'datasets': {'train': deepcopy(train_set), 'val': val_dataset_opt()},
-        'network_g': edsr_arch(args),
+        'network_g': fp_arch(args),
         'path': {'pretrain_network_g': None, 'strict_load_g': True, 'resume_state': None},
         'train': {
             'ema_decay': 0,
@@ -298,18 +424,31 @@ def base_options(name, args, train_set, total_iter, lr, milestones):
 
 
 def plan_stages(args, train_set):
-    """The stages of this study, in run order."""
-    fp = base_options('fp', args, train_set, args.fp_iters, FP_LR, [max(1, (2 * args.fp_iters) // 3)])
-    stages = [Stage('fp', 'fp', 32, fp)]
-    fp_ckpt = os.path.join('experiments', 'fp', 'models', 'net_g_latest.pth')
+    """The stages of this study, in run order (the first one, ``fp``, is not trained with ``--pretrained``)."""
+    pretrained = getattr(args, 'pretrained', None)
+    layers = getattr(args, 'layers', 'default')
+    if pretrained:
+        fp_key = getattr(args, 'pretrained_key', None)
+        stages = [Stage('fp', 'fp', 32, {'network_g': fp_arch(args)}, checkpoint=os.path.abspath(pretrained),
+                        param_key=fp_key)]
+        fp_ckpt = os.path.abspath(pretrained)
+    else:
+        fp = base_options('fp', args, train_set, args.fp_iters, FP_LR, [max(1, (2 * args.fp_iters) // 3)])
+        stages = [Stage('fp', 'fp', 32, fp)]
+        fp_ckpt = os.path.join('experiments', 'fp', 'models', 'net_g_latest.pth')
     methods = ['baseline', 'odm'] + (['naive_half'] if args.controls else [])
     for b in args.bits:
         for method in methods:
             name = f'w{b}_{method}'
             opt = base_options(name, args, train_set, args.qat_iters, QAT_LR, [10 * args.qat_iters])  # constant
             opt['model_type'] = 'ODMModel'
-            opt['network_g'] = {'type': 'Quantized', 'arch': edsr_arch(args), 'w_bits': b, 'a_bits': b}
+            opt['network_g'] = {'type': 'Quantized', 'arch': fp_arch(args), 'w_bits': b, 'a_bits': b}
+            if layers != 'default':  # (absent by default: the option files of earlier studies stay reusable)
+                opt['network_g']['layers'] = deepcopy(layers)
             opt['path']['pretrain_network_g'] = fp_ckpt  # relative to the work folder (the runs' cwd)
+            if pretrained:
+                # the entry found in it; 'params' also loads a plain state dict (compat.load_network falls back)
+                opt['path']['param_key_g'] = fp_key or 'params'
             opt['train']['calibration'] = {'batches': CALIB_BATCHES}
             if method == 'baseline':
                 opt['train']['cooperation'] = 'off'
@@ -493,16 +632,18 @@ def bicubic_images(pairs, scale):
     return out
 
 
-def load_net(network_opt, path, device):
-    """Build ``network_opt`` with BasicSR's ``build_network`` and load ``params`` of ``path`` strictly."""
+def load_net(network_opt, path, device, param_key='params'):
+    """Build ``network_opt`` with BasicSR's ``build_network`` and load ``param_key`` of ``path`` strictly.
+
+    ``param_key`` falls back to ``params``, then to a plain state dict (None: a plain state dict).
+    """
     from basicsr.archs import build_network
 
-    from odm_basicsr.compat import load_checkpoint
+    from odm_basicsr.compat import load_checkpoint, select_state_dict
     from odm_basicsr.quant.offsets import ensure_offsets_from_state
 
     net = build_network(deepcopy(network_opt))
-    state = load_checkpoint(path)['params']
-    state = {k[7:] if k.startswith('module.') else k: v for k, v in state.items()}
+    _, state = select_state_dict(load_checkpoint(path), param_key, source=f'checkpoint {path}')
     ensure_offsets_from_state(net, state)
     net.load_state_dict(state, strict=True)
     return net.to(device).eval()
@@ -586,7 +727,8 @@ def table_rows(results):
         if r['method'] not in ('fp', 'baseline') and ref is not None:
             d_psnr, d_ssim = f'{r["psnr"] - ref["psnr"]:+.2f}', f'{r["ssim"] - ref["ssim"]:+.4f}'
         bits = 'FP32' if r['method'] == 'fp' else f'W{r["bits"]}A{r["bits"]}'
-        rows.append((r['method'], bits, f'{r["psnr"]:.2f}', f'{r["ssim"]:.4f}', d_psnr, d_ssim,
+        method = 'fp (pretrained)' if r.get('pretrained') else r['method']
+        rows.append((method, bits, f'{r["psnr"]:.2f}', f'{r["ssim"]:.4f}', d_psnr, d_ssim,
                      _fmt_time(r.get('train_wall_s'))))
     return rows
 
@@ -603,6 +745,25 @@ def format_table(results):
     return '\n'.join(lines)
 
 
+def _network_text(s):
+    """The network / recipe sentence of results.md."""
+    p = s.get('pretrained')
+    if p:
+        entry = f'[{p["param_key"]}]' if p['param_key'] else '(plain state dict)'
+        text = (f'Pretrained FP {p["network"]} (`{p["options"]}`, weights `{p["checkpoint"]}` {entry}), '
+                f'x{s["scale"]}, not trained here; training data: {s["data"]}; each QAT stage {s["qat_iters"]} '
+                f'iterations (lr {QAT_LR:g}) from these weights')
+    else:
+        text = (f'EDSR {s["num_feat"]} channels x {s["num_block"]} blocks, x{s["scale"]}; training data: '
+                f'{s["data"]}; FP {s["fp_iters"]} iterations (lr {FP_LR:g}), each QAT stage {s["qat_iters"]} '
+                f'iterations (lr {QAT_LR:g}) from the FP checkpoint')
+    text += f', batch {BATCH}, LR patch {LR_PATCH}, seed {SEED}. '
+    layers = s.get('layers', 'default')
+    if layers != 'default':
+        text += f'Quantized layers: {layers if isinstance(layers, str) else ", ".join(layers)}. '
+    return text
+
+
 def format_markdown(results):
     s = results['settings']
     lines = ['# odm-demo results', '',
@@ -615,20 +776,22 @@ def format_markdown(results):
                 f'({", ".join(results["reused_stages"])}), their train times are from that run' if
                 results['reused_stages'] else '') + '  ',
              f'Sum of the stage train times: {_fmt_time(results["train_wall_s_sum"])} (m:ss)', '',
-             f'EDSR {s["num_feat"]} channels x {s["num_block"]} blocks, x{s["scale"]}; training data: {s["data"]}; '
-             f'FP {s["fp_iters"]} iterations (lr {FP_LR:g}), each QAT stage {s["qat_iters"]} iterations '
-             f'(lr {QAT_LR:g}) from the FP checkpoint, batch {BATCH}, LR patch {LR_PATCH}, seed {SEED}. '
-             f'ODM: FeatureVarianceLoss (channel) weight {s["var_weight"]:g}, cooperation feature, offsets '
-             f'top {OFFSETS["fraction"]:.0%} of the quantized layers.', '',
+             _network_text(s) + f'ODM: FeatureVarianceLoss (channel) weight {s["var_weight"]:g}, cooperation '
+             f'feature, offsets top {OFFSETS["fraction"]:.0%} of the quantized layers.', '',
              f'Evaluation: embedded val photos (chelsea, rocket; centre {VAL_SIZE} px), Y channel, border = scale, '
              "BasicSR's calculate_psnr / calculate_ssim on 8-bit images (mean over the photos). Train time = wall "
              'time of the stage (process start, calibration and validation included).', '',
              '| ' + ' | '.join(HEADER) + ' |', '|' + '---|' * len(HEADER)]
     lines += ['| ' + ' | '.join(c or ' ' for c in row) + ' |' for row in table_rows(results)]
-    lines += ['', 'Two small photos and one seed: treat differences of a few hundredths of a dB as noise. The QAT '
-              f'stages train the network {s["qat_iters"]} iterations beyond the FP checkpoint, so a short FP stage '
-              'can end below a quantized one: the FP row is their starting point, not an upper bound. This is a '
-              'smoke-scale study, not a reproduction of the paper (DIV2K, 60K iterations, Set5/Set14/B100/Urban100).']
+    if s.get('pretrained'):
+        start = (f'The QAT stages fine-tune the pretrained network {s["qat_iters"]} iterations on the training data '
+                 'above (not its own training data): the FP row is their starting point. ')
+    else:
+        start = (f'The QAT stages train the network {s["qat_iters"]} iterations beyond the FP checkpoint, so a short '
+                 'FP stage can end below a quantized one: the FP row is their starting point, not an upper bound. ')
+    lines += ['', 'Two small photos and one seed: treat differences of a few hundredths of a dB as noise. ' + start
+              + 'This is a smoke-scale study, not a reproduction of the paper (DIV2K, 60K iterations, '
+              'Set5/Set14/B100/Urban100).']
     pngs = [f'comparison_w{b}.png' for b in s['bits']]
     lines += ['', 'Crops: ' + ', '.join(f'[{p}]({p})' for p in pngs) + ' (bicubic | FP | baseline | ODM).', '']
     return '\n'.join(lines)
@@ -684,7 +847,14 @@ def main(argv=None):
     cwd = os.getcwd()
     os.chdir(out)
     try:
-        records = {s.name: run_stage(s, log) for s in stages}
+        records = {}
+        for s in stages:
+            if s.pretrained:
+                entry = f'[{s.param_key}]' if s.param_key else '(plain state dict)'
+                log(f'[{s.name}] not trained: pretrained {s.opt["network_g"]["type"]} from {s.checkpoint} {entry}')
+                records[s.name] = {'train_wall_s': None, 'skipped': False, 'iters': 0}
+            else:
+                records[s.name] = run_stage(s, log)
 
         log('Evaluating on the held-out embedded val photos ...')
         device = _eval_device(args.device)
@@ -692,15 +862,17 @@ def main(argv=None):
         bicubic = bicubic_images(pairs, args.scale)
         images, rows = {'bicubic': bicubic}, []
         for s in stages:
-            net = load_net(s.opt['network_g'], s.checkpoint, device)
+            net = load_net(s.opt['network_g'], s.checkpoint, device, s.param_key)
             images[s.name] = sr_images(net, pairs, device)
             m = _metrics(images[s.name], pairs, args.scale)
             rec = records[s.name]
             row = {'stage': s.name, 'method': s.method, 'bits': s.bits, **m,
-                   'checkpoint': os.path.join(out, s.checkpoint), 'options': os.path.join(out, 'options',
-                                                                                         f'{s.name}.yml'),
+                   'checkpoint': os.path.join(out, s.checkpoint),
+                   'options': args.pretrained_opt if s.pretrained else os.path.join(out, 'options', f'{s.name}.yml'),
                    **{k: rec.get(k) for k in ('train_wall_s', 'basicsr_time_consumed', 'log_psnr', 'log_ssim',
                                               'iters', 'skipped')}}
+            if s.pretrained:
+                row['pretrained'] = True
             if rec.get('log_psnr') is not None and abs(rec['log_psnr'] - m['psnr']) > 0.01:
                 log(f'warning: {s.name}: PSNR here {m["psnr"]:.4f} dB differs from the final validation in its '
                     f'log ({rec["log_psnr"]:.4f} dB)')
@@ -716,7 +888,11 @@ def main(argv=None):
                          'data': os.path.abspath(args.data) if args.data else 'embedded train photos',
                          'device': args.device, 'fp_lr': FP_LR, 'qat_lr': QAT_LR, 'batch': BATCH,
                          'lr_patch': LR_PATCH, 'val_size': VAL_SIZE, 'calibration_batches': CALIB_BATCHES,
-                         'seed': SEED, 'offsets': OFFSETS},
+                         'seed': SEED, 'offsets': OFFSETS, 'layers': args.layers,
+                         'network': fp_arch(args),
+                         'pretrained': None if not args.pretrained else {
+                             'network': args.pretrained_net['type'], 'options': args.pretrained_opt,
+                             'checkpoint': args.pretrained, 'param_key': args.pretrained_key}},
             'bicubic': {'method': 'bicubic', **_metrics(bicubic, pairs, args.scale)},
             'stages': rows,
         }

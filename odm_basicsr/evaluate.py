@@ -8,7 +8,9 @@ outside training). The SR output is rounded to 8 bit (``tensor2img``); PSNR and 
 ``calculate_psnr`` / ``calculate_ssim`` on the Y channel with ``crop_border = scale``.
 
 Writes ``<out>/eval.md``, ``<out>/eval.csv`` (one row per checkpoint x set), ``<out>/eval_per_image.csv`` and, with
-``--save-images``, ``<out>/<ckpt-stem>/<Set>/<name>.png``. Errors exit with status 2 and one line on stderr.
+``--save-images``, ``<out>/<ckpt-stem>/<Set>/<name>.png``. Errors exit with status 2 and one line on stderr; a
+checkpoint holding NaN / Inf values (a diverged training run) is refused before it runs, with one line and exit
+status 3 (as ``odm-train`` / ``odm-test`` do), and no table is written.
 """
 import argparse
 import csv
@@ -23,6 +25,12 @@ IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp')
 
 class EvalError(Exception):
     """A user error: reported as one line, exit status 2."""
+
+
+class NonFiniteCheckpointError(EvalError):
+    """A checkpoint with NaN / Inf values: reported as one line, exit status 3."""
+
+    exit_status = 3
 
 
 def build_parser():
@@ -88,8 +96,9 @@ def build_network(net_opt):
 
 
 def load_weights(net, path, param_key='params_ema'):
-    """Load ``path`` into ``net`` strictly; error when activation quantizers stay uninitialised."""
+    """Load ``path`` into ``net`` strictly; error when activation quantizers stay uninitialised or it is not finite."""
     from odm_basicsr.compat import load_checkpoint, select_state_dict
+    from odm_basicsr.guards import NonFiniteError, check_finite
     from odm_basicsr.quant import quantized_layers
     from odm_basicsr.quant.layer_selection import quantizer_state_keys
     from odm_basicsr.quant.offsets import ensure_offsets_from_state
@@ -100,6 +109,10 @@ def load_weights(net, path, param_key='params_ema'):
         raise EvalError(str(e)) from e
     except KeyError as e:
         raise EvalError(e.args[0]) from e
+    try:
+        check_finite(state, f'checkpoint {path}' + (f' [{key}]' if key else ''), 'refusing to evaluate it')
+    except NonFiniteError as e:
+        raise NonFiniteCheckpointError(str(e)) from e
     name = type(net).__name__
     try:
         ensure_offsets_from_state(net, state)
@@ -311,7 +324,7 @@ def main(argv=None):
         run(args)
     except EvalError as e:
         print(f'odm-eval: error: {e}', file=sys.stderr)
-        sys.exit(2)
+        sys.exit(getattr(e, 'exit_status', 2))
     return 0
 
 

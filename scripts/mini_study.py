@@ -22,7 +22,11 @@ from argparse import Namespace
 import odm_basicsr  # noqa: F401  (compatibility fixes and registration before any basicsr import)
 from odm_basicsr import demo
 
-ARMS = ('fp', 'qat', 'odm', 'naive_half', 'offsets_only', 'v2')
+ARMS = ('fp', 'qat', 'odm', 'odm_low', 'odm_high', 'naive_half', 'naive_matched', 'offsets_only', 'clip_only',
+        'qlr10', 'v2', 'v2_noclip')
+DEFAULT_ARMS = ('fp', 'qat', 'odm', 'naive_half', 'offsets_only', 'v2')
+#: Regulariser strength of odm_low / odm / odm_high as a share of l_pix at the start (with --var-shares).
+DEFAULT_VAR_SHARES = (0.01, 0.1, 0.5)
 LAYER_SETS = ('default', 'all')
 BENCHMARKS = ('Set5', 'Set14')
 
@@ -50,10 +54,19 @@ arms (every QAT arm starts from the same cached FP checkpoint, W<bits>A<bits>, A
                 by every arm, layer set and seed (one run, so no std)
   qat           ODMModel, cooperation: off, no offsets (plain QAT; the reference of every delta)
   odm           cooperation: feature, FeatureVarianceLoss (channel) at --var-weight, offsets top 25 %
+  odm_low/high  odm at the lower / higher --var-shares (with --pretrained-opt or --var-shares)
   naive_half    cooperation: naive at --var-weight / 2, offsets top 25 %
+  naive_matched cooperation: naive at odm's weight x the coop that odm's run logged (the L1 share of the
+                regulariser gradient that the gate let through, mean over its logged steps), offsets top 25 %
   offsets_only  cooperation: off + offsets top 25 % (no regulariser)
+  clip_only     cooperation: off + network_g.clip_correction: true (2024 weight clipping correction alone)
+  qlr10         cooperation: off + train.quant_lr_mult: 10 (the 2024 quantizer learning rate alone)
   v2            2024 version: cooperation: cosine, MismatchLoss weight 1e-5, network_g.clip_correction: true,
                 train.quant_lr_mult: 10 (no offsets)
+  v2_noclip     v2 without clip_correction
+pretrained start (--pretrained-opt NET.yml --pretrained CKPT): no FP training; the fp row is that network, every
+  QAT arm wraps its network_g and loads CKPT; odm's weight is then --var-shares[1] x l_pix / l_var(weight 1),
+  both measured on one calibrated training batch at the start (odm_low / odm_high: the other two shares).
   Each QAT arm runs for each --layer-sets entry (network_g.layers: default = the paper's layers, all = every
   conv except the first and last) and each --seeds entry (train.manual_seed: data order, crops, flips).
 statistics:
@@ -95,8 +108,16 @@ def build_parser():
     p.add_argument('--bits', type=demo._bit_width, default=2, help='W=A bit width of the QAT arms (default 2)')
     p.add_argument('--layer-sets', nargs='+', choices=LAYER_SETS, default=list(LAYER_SETS),
                    help='network_g.layers values (default: default all)')
-    p.add_argument('--arms', nargs='+', choices=ARMS, default=list(ARMS), help='arms to run (default: all); '
-                   'qat is always trained too, as the reference of the deltas')
+    p.add_argument('--arms', nargs='+', choices=ARMS, default=list(DEFAULT_ARMS),
+                   help=f'arms to run (default: {" ".join(DEFAULT_ARMS)}); qat is always trained too, as the '
+                   'reference of the deltas')
+    p.add_argument('--pretrained-opt', help='option file whose network_g (and scale) is a pretrained FP network')
+    p.add_argument('--pretrained', help='its checkpoint (params / params_ema / plain state dict)')
+    p.add_argument('--var-shares', nargs=3, type=float, metavar=('LOW', 'MID', 'HIGH'),
+                   help='odm_low / odm / odm_high regulariser weight as a share of l_pix at the start (default with '
+                   f'--pretrained-opt: {" ".join(map(str, DEFAULT_VAR_SHARES))}; otherwise --var-weight for odm)')
+    p.add_argument('--batch', type=_positive_int, default=BATCH, help=f'batch size (default {BATCH})')
+    p.add_argument('--lr-patch', type=_positive_int, default=LR_PATCH, help=f'LR patch (default {LR_PATCH})')
     p.add_argument('--seeds', nargs='+', type=int, default=list(DEFAULT_SEEDS),
                    help=f'seeds per QAT arm (default {" ".join(map(str, DEFAULT_SEEDS))})')
     p.add_argument('--var-weight', type=demo._var_weight, default=demo.DEFAULT_VAR_WEIGHT,
@@ -121,6 +142,20 @@ def parse_args(argv=None):
     args.seeds = list(dict.fromkeys(args.seeds))
     args.layer_sets = list(dict.fromkeys(args.layer_sets))
     args.arms = [a for a in ARMS if a in args.arms or a == 'qat']
+    if 'naive_matched' in args.arms and 'odm' not in args.arms:
+        args.arms.insert(args.arms.index('naive_matched'), 'odm')
+    if (args.pretrained_opt is None) != (args.pretrained is None):
+        parser.error('--pretrained-opt and --pretrained go together')
+    args.net_opt = None
+    if args.pretrained_opt:
+        from odm_basicsr.evaluate import load_net_options
+        for path in (args.pretrained_opt, args.pretrained):
+            if not os.path.isfile(path):
+                parser.error(f'file not found: {path}')
+        args.net_opt, args.scale = load_net_options(args.pretrained_opt)
+        args.pretrained = os.path.abspath(args.pretrained)
+        if args.var_shares is None:
+            args.var_shares = list(DEFAULT_VAR_SHARES)
     args.hr_images = []
     for name in args.train_sets:
         folder = os.path.join(args.data, 'train', name)
@@ -153,11 +188,36 @@ def _strip_val(opt):
     return opt
 
 
+def _arch(args):
+    return dict(args.net_opt) if args.net_opt else demo.edsr_arch(_demo_args(args))
+
+
 def fp_stage(args, train_set):
     d = _demo_args(args)
     opt = demo.base_options('fp', d, train_set, args.fp_iters, FP_LR, [max(1, (2 * args.fp_iters) // 3)])
     opt['manual_seed'] = FP_SEED
     return demo.Stage('fp', 'fp', 32, _strip_val(opt))
+
+
+def var_weights(args, layers):
+    """lambda_var of odm_low / odm / odm_high: --var-weight for odm, or shares of l_pix (see measure_var_unit)."""
+    if not args.var_shares:
+        return {'odm': args.var_weight}
+    unit = args.var_unit[layers]
+    return {arm: share * unit for arm, share in zip(('odm_low', 'odm', 'odm_high'), args.var_shares)}
+
+
+def logged_coop(run_name):
+    """Mean of the ``coop`` values in a finished run's training log (BasicSR's ``coop: 3.1e-01`` entries)."""
+    import glob
+    import re
+    values = []
+    for log_file in sorted(glob.glob(os.path.join('experiments', run_name, 'train_*.log'))):
+        with open(log_file, encoding='utf-8') as f:
+            values += [float(v) for v in re.findall(r'\bcoop: ([-+0-9.e]+)', f.read())]
+    if not values:
+        raise RuntimeError(f'naive_matched needs the coop logged by {run_name}; none found in its log')
+    return sum(values) / len(values)
 
 
 def qat_stage(args, train_set, arm, layers, seed):
@@ -166,26 +226,38 @@ def qat_stage(args, train_set, arm, layers, seed):
     opt = demo.base_options(name, d, train_set, args.qat_iters, QAT_LR, [10 * args.qat_iters])  # constant lr
     opt['manual_seed'] = seed
     opt['model_type'] = 'ODMModel'
-    opt['network_g'] = {'type': 'Quantized', 'arch': demo.edsr_arch(d), 'w_bits': args.bits, 'a_bits': args.bits,
+    opt['network_g'] = {'type': 'Quantized', 'arch': _arch(args), 'w_bits': args.bits, 'a_bits': args.bits,
                         'layers': layers}
-    opt['path']['pretrain_network_g'] = os.path.join('experiments', 'fp', 'models', 'net_g_latest.pth')
+    opt['path']['pretrain_network_g'] = args.pretrained or os.path.join('experiments', 'fp', 'models',
+                                                                        'net_g_latest.pth')
+    if args.pretrained:
+        opt['path']['param_key_g'] = None  # params, params_ema or a plain state dict
     train = opt['train']
     train['calibration'] = {'batches': CALIB_BATCHES}
-    if arm == 'qat':
+    if arm in ('qat', 'offsets_only', 'clip_only', 'qlr10'):
         train['cooperation'] = 'off'
-    elif arm == 'offsets_only':
-        train['cooperation'] = 'off'
+        if arm == 'offsets_only':
+            opt['network_g']['offsets'] = dict(OFFSETS)
+        elif arm == 'clip_only':
+            opt['network_g']['clip_correction'] = True
+        elif arm == 'qlr10':
+            train['quant_lr_mult'] = 10
+    elif arm in ('odm', 'odm_low', 'odm_high', 'naive_half', 'naive_matched'):
+        weights = var_weights(args, layers)
+        train['cooperation'] = 'feature' if arm.startswith('odm') else 'naive'
+        if arm == 'naive_half':
+            weight = weights['odm'] / 2
+        elif arm == 'naive_matched':
+            weight = weights['odm'] * logged_coop(f'odm_{layers}_s{seed}')
+        else:
+            weight = weights[arm]
+        train['var_opt'] = {'type': 'FeatureVarianceLoss', 'loss_weight': float(weight), 'reduction': 'channel'}
         opt['network_g']['offsets'] = dict(OFFSETS)
-    elif arm in ('odm', 'naive_half'):
-        train['cooperation'] = 'feature' if arm == 'odm' else 'naive'
-        weight = args.var_weight if arm == 'odm' else args.var_weight / 2
-        train['var_opt'] = {'type': 'FeatureVarianceLoss', 'loss_weight': weight, 'reduction': 'channel'}
-        opt['network_g']['offsets'] = dict(OFFSETS)
-    elif arm == 'v2':
+    elif arm in ('v2', 'v2_noclip'):
         train['cooperation'] = 'cosine'
         train['var_opt'] = {'type': 'MismatchLoss', 'loss_weight': 1e-5}
         train['quant_lr_mult'] = 10
-        opt['network_g']['clip_correction'] = True
+        opt['network_g']['clip_correction'] = arm == 'v2'
     else:
         raise ValueError(arm)
     stage = demo.Stage(name, arm, args.bits, _strip_val(opt))
@@ -194,16 +266,53 @@ def qat_stage(args, train_set, arm, layers, seed):
 
 
 def plan(args, train_set):
-    fp = fp_stage(args, train_set)
-    fp.layers, fp.seed = '-', FP_SEED
-    stages = [fp]
+    """Stage factories in run order (a naive_matched stage can only be written once its odm run has finished)."""
+    stages = []
+    if not args.pretrained:
+        fp = fp_stage(args, train_set)
+        fp.layers, fp.seed = '-', FP_SEED
+        stages.append(lambda: fp)
     # Seeds outermost: a study stopped early still has every arm and layer set for its first seeds.
     for seed in args.seeds:
         for layers in args.layer_sets:
             for arm in args.arms:
                 if arm != 'fp':
-                    stages.append(qat_stage(args, train_set, arm, layers, seed))
+                    stages.append(lambda arm=arm, layers=layers, seed=seed: qat_stage(args, train_set, arm, layers,
+                                                                                      seed))
     return stages
+
+
+def measure_var_unit(args, train_set, layers, device):
+    """``l_pix / l_var`` at loss weight 1 on one calibrated training batch of the quantized pretrained network:
+    the lambda that makes the regulariser equal to l_pix at the start."""
+    import torch
+    from basicsr.archs import build_network
+    from basicsr.data import build_dataset
+    from torch.utils.data import DataLoader
+
+    from odm_basicsr.compat import load_checkpoint, select_state_dict
+    from odm_basicsr.losses.variance_loss import FeatureVarianceLoss
+    from odm_basicsr.quant import calibrate, quantized_layers
+
+    net = build_network({'type': 'Quantized', 'arch': _arch(args), 'w_bits': args.bits, 'a_bits': args.bits,
+                         'layers': layers}).to(device)
+    net.load_state_dict(select_state_dict(load_checkpoint(args.pretrained), source=args.pretrained)[1], strict=False)
+    loader = DataLoader(build_dataset(dict(train_set, phase='train', scale=args.scale)), batch_size=args.batch,
+                        shuffle=True,
+                        generator=torch.Generator().manual_seed(0))
+    batches = iter(loader)
+    data = [next(batches) for _ in range(CALIB_BATCHES)]
+    net.eval()
+    calibrate(net, [d['lq'].to(device) for d in data])
+    feats = []
+    hooks = [m.register_forward_pre_hook(lambda m, a: feats.append(a[0])) for _, m in quantized_layers(net)]
+    with torch.no_grad():
+        out = net(data[0]['lq'].to(device))
+    for h in hooks:
+        h.remove()
+    l_pix = torch.nn.functional.l1_loss(out, data[0]['gt'].to(device))
+    l_var = FeatureVarianceLoss(1.0, reduction='channel')(feats)
+    return float(l_pix / l_var)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -225,6 +334,13 @@ def benchmark_pairs(data, name, scale):
         pairs.append((os.path.splitext(os.path.basename(item['lq_path']))[0], item['lq'].unsqueeze(0),
                       tensor2img([item['gt'].unsqueeze(0)])))
     return pairs
+
+
+def _pretrained_net(args, device):
+    from odm_basicsr import evaluate as ev
+    net = ev.build_network(args.net_opt)
+    ev.load_weights(net, args.pretrained)
+    return net.to(device).eval()
 
 
 def evaluate(stage, sets, scale, device):
@@ -302,11 +418,15 @@ def format_markdown(study):
              f'{study["machine"]["load_average_at_start"]}, at end {study["machine"]["load_average_at_end"]}  ',
              f'Wall time of this invocation: {demo._fmt_time(study["total_wall_s"])} (m:ss); sum of the run train '
              f'times: {demo._fmt_time(study["train_wall_s_sum"])}', '',
-             f'EDSR {s["arch_feat"]} ch x {s["arch_block"]} blocks, x{s["scale"]}, W{s["bits"]}A{s["bits"]}; training '
-             f'data {", ".join(s["train_sets"])} ({s["train_images"]} images); FP start {s["fp_iters"]} iterations '
-             f'(lr {FP_LR:g}, seed {FP_SEED}), each QAT run {s["qat_iters"]} iterations (lr {QAT_LR:g}), '
-             f'batch {BATCH}, LR patch {LR_PATCH}; seeds {", ".join(map(str, s["seeds"]))}; '
-             f'lambda_var {s["var_weight"]:g}.', '',
+             (f'Start: the pretrained {s["pretrained_opt"]} network ({s["pretrained"]}), no FP training; '
+              if s.get('pretrained') else
+              f'EDSR {s["arch_feat"]} ch x {s["arch_block"]} blocks, FP start {s["fp_iters"]} iterations '
+              f'(lr {FP_LR:g}, seed {FP_SEED}); ')
+             + f'x{s["scale"]}, W{s["bits"]}A{s["bits"]}; training data {", ".join(s["train_sets"])} '
+             f'({s["train_images"]} images); each QAT run {s["qat_iters"]} iterations (lr {QAT_LR:g}), '
+             f'batch {s["batch"]}, LR patch {s["lr_patch"]}; seeds {", ".join(map(str, s["seeds"]))}; '
+             + (f'odm lambda as a share of l_pix at the start: {s["var_shares"]} (l_pix / l_var at weight 1: '
+                f'{s["var_unit"]}).' if s.get('var_shares') else f'lambda_var {s["var_weight"]:g}.'), '',
              'Y-channel PSNR (dB) / SSIM, border = scale, mean ± std over seeds. Δ = paired mean over seeds of '
              '(arm − qat); tie when |Δ| < 2 × std of the paired differences, else win/loss; n/a with < 2 seeds. '
              'fp is one run (the start of every arm).', '']
@@ -344,12 +464,18 @@ def main(argv=None):
 
     log(f'mini_study: work folder {out}')
     paired = demo.prepare_paired_data(args.hr_images, os.path.join(out, f'data_x{args.scale}'), args.scale,
-                                      LR_PATCH * args.scale, log)
+                                      args.lr_patch * args.scale, log)
     train_set = demo.train_dataset_opt(_demo_args(args), paired)
-    train_set.update({'gt_size': LR_PATCH * args.scale, 'batch_size_per_gpu': BATCH,
-                      'dataset_enlarge_ratio': max(1, math.ceil(100 * BATCH / paired[2]))})
+    train_set.update({'gt_size': args.lr_patch * args.scale, 'batch_size_per_gpu': args.batch,
+                      'dataset_enlarge_ratio': max(1, math.ceil(100 * args.batch / paired[2]))})
     stages = plan(args, train_set)
     device = demo._eval_device(args.device)
+    args.var_unit = {}
+    if args.var_shares:
+        for layers in args.layer_sets:
+            args.var_unit[layers] = measure_var_unit(args, train_set, layers, device)
+            log(f'mini_study: layers {layers}: l_pix / l_var(weight 1) = {args.var_unit[layers]:.4g}; lambda '
+                + ', '.join(f'{k} {v:.3g}' for k, v in var_weights(args, layers).items()))
     sets = {name: benchmark_pairs(data, name, args.scale) for name in BENCHMARKS}
 
     cwd = os.getcwd()
@@ -359,17 +485,27 @@ def main(argv=None):
         bicubic = {name: demo._metrics(demo.bicubic_images(pairs, args.scale), pairs, args.scale)
                    for name, pairs in sets.items()}
         runs = []
-        for stage in stages:
+        if args.pretrained:
+            fp_metrics = {name: demo._metrics(demo.sr_images(_pretrained_net(args, device), pairs, device), pairs,
+                                              args.scale) for name, pairs in sets.items()}
+            runs.append({'run': 'fp', 'arm': 'fp', 'layers': '-', 'seed': FP_SEED, 'metrics': fp_metrics,
+                         'checkpoint': args.pretrained, 'skipped': False})
+        for make_stage in stages:
+            stage = make_stage()
             rec = demo.run_stage(stage, log)
             run_path = os.path.join('runs', f'{stage.name}.json')
             cached = demo._load_json(run_path)
             if rec.get('skipped') and cached is not None:
                 run = {**cached, 'skipped': True}
             else:
+                coop = None
+                if stage.method.startswith('odm'):
+                    coop = logged_coop(stage.name)
                 metrics = evaluate(stage, sets, args.scale, device)
                 run = {'run': stage.name, 'arm': stage.method, 'layers': stage.layers, 'seed': stage.seed,
                        'metrics': metrics, 'train_wall_s': rec.get('train_wall_s'), 'iters': rec.get('iters'),
                        'basicsr_time_consumed': rec.get('basicsr_time_consumed'),
+                       'coop': coop, 'loss_weight': (stage.opt['train'].get('var_opt') or {}).get('loss_weight'),
                        'options': os.path.join(out, 'options', f'{stage.name}.yml'),
                        'checkpoint': os.path.join(out, stage.checkpoint)}
                 with open(run_path, 'w', encoding='utf-8') as f:
@@ -386,8 +522,11 @@ def main(argv=None):
                          'var_weight': args.var_weight, 'arch_feat': args.arch_feat, 'arch_block': args.arch_block,
                          'scale': args.scale, 'fp_iters': args.fp_iters, 'qat_iters': args.qat_iters,
                          'data': data, 'train_sets': args.train_sets, 'train_images': paired[2],
-                         'fp_lr': FP_LR, 'qat_lr': QAT_LR, 'batch': BATCH, 'lr_patch': LR_PATCH, 'fp_seed': FP_SEED,
-                         'calibration_batches': CALIB_BATCHES, 'offsets': OFFSETS, 'device': args.device},
+                         'fp_lr': FP_LR, 'qat_lr': QAT_LR, 'batch': args.batch, 'lr_patch': args.lr_patch,
+                         'fp_seed': FP_SEED,
+                         'calibration_batches': CALIB_BATCHES, 'offsets': OFFSETS, 'device': args.device,
+                         'pretrained': args.pretrained, 'pretrained_opt': args.pretrained_opt,
+                         'var_shares': args.var_shares, 'var_unit': args.var_unit},
             'bicubic': bicubic,
             'runs': runs,
             'summary': summarize(runs, args),

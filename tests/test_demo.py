@@ -4,6 +4,7 @@ import odm_basicsr  # noqa: F401, I001  (must precede any basicsr import)
 import json
 import math
 import time
+from copy import deepcopy
 
 import cv2
 import numpy as np
@@ -154,3 +155,204 @@ def test_demo_data_folder_becomes_paired_dataset(tmp_path):
     ds = build_dataset({**opt, 'phase': 'train', 'scale': 2})
     item = ds[0]
     assert tuple(item['gt'].shape) == (3, 64, 64) and tuple(item['lq'].shape) == (3, 32, 32)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --pretrained-opt / --pretrained: start from a given FP network (a tiny random EDSR written here)
+# ---------------------------------------------------------------------------------------------------------------
+
+TINY_NET = {'type': 'EDSR', 'num_in_ch': 3, 'num_out_ch': 3, 'num_feat': 8, 'num_block': 1, 'upscale': 2}
+PRETRAINED_QAT = ['--bits', '8', '--qat-iters', '1', '--device', 'cpu']
+
+
+@pytest.fixture(scope='module')
+def fp_files(tmp_path_factory):
+    """A tiny FP EDSR as a plain state dict, a ``params`` checkpoint and a ``params``/``params_ema`` one, its
+    BasicSR-style option file, and a checkpoint of another width."""
+    import torch
+    import yaml
+    from basicsr.archs.edsr_arch import EDSR
+
+    root = tmp_path_factory.mktemp('fp_files')
+    torch.manual_seed(0)
+    kwargs = {k: v for k, v in TINY_NET.items() if k != 'type'}
+    net, ema, wide = EDSR(**kwargs), EDSR(**kwargs), EDSR(**{**kwargs, 'num_feat': 16})
+    files = {'plain': root / 'plain.pth', 'params': root / 'params.pth', 'both': root / 'both.pth',
+             'wide': root / 'wide.pth', 'opt': root / 'net.yml', 'state': net.state_dict(),
+             'ema_state': ema.state_dict()}
+    torch.save(net.state_dict(), files['plain'])
+    torch.save({'params': net.state_dict()}, files['params'])
+    torch.save({'params': net.state_dict(), 'params_ema': ema.state_dict()}, files['both'])
+    torch.save(wide.state_dict(), files['wide'])
+    files['opt'].write_text(yaml.safe_dump({'name': 'tiny', 'scale': 2, 'network_g': TINY_NET}))
+    return files
+
+
+@pytest.fixture(scope='module')
+def pretrained_run(fp_files, tmp_path_factory):
+    out = tmp_path_factory.mktemp('demo_pretrained')
+    start = time.time()
+    argv = ['--out', str(out), '--pretrained-opt', str(fp_files['opt']), '--pretrained', str(fp_files['plain'])]
+    assert demo.main(argv + PRETRAINED_QAT) == 0
+    return out, time.time() - start
+
+
+def test_pretrained_skips_the_fp_stage_and_qat_starts_from_it(pretrained_run, fp_files):
+    import torch
+    import yaml
+
+    from odm_basicsr.compat import load_checkpoint
+
+    out, _ = pretrained_run
+    # (a) no FP training run
+    assert not (out / 'experiments' / 'fp').exists() and not (out / 'options' / 'fp.yml').exists()
+    assert not (out / 'console' / 'fp.txt').exists() and not (out / 'tb_logger' / 'fp').exists()
+    results = json.loads((out / 'results.json').read_text())
+    fp, base, odm = results['stages']
+    assert (fp['stage'], fp['method'], fp['pretrained'], fp['train_wall_s']) == ('fp', 'fp', True, None)
+    assert fp['checkpoint'] == str(fp_files['plain']) and fp['options'] == str(fp_files['opt'])
+    assert results['settings']['pretrained'] == {'network': 'EDSR', 'options': str(fp_files['opt']),
+                                                 'checkpoint': str(fp_files['plain']), 'param_key': None}
+    assert results['settings']['fp_iters'] is None and results['reused_stages'] == []
+    assert '| fp (pretrained) | FP32 |' in (out / 'results.md').read_text()
+    # the QAT stages wrap the given network_g and load the given weights
+    for stage in ('w8_baseline', 'w8_odm'):
+        opt = yaml.safe_load((out / 'options' / f'{stage}.yml').read_text())
+        assert opt['network_g']['type'] == 'Quantized' and opt['network_g']['arch'] == TINY_NET
+        assert 'layers' not in opt['network_g']  # --layers default: the arch's preset
+        assert opt['path']['pretrain_network_g'] == str(fp_files['plain'])
+        assert opt['path']['param_key_g'] == 'params'  # compat.load_network falls back to the plain state dict
+        log = next((out / 'experiments' / stage).glob('train_*.log')).read_text()
+        assert f'quantizer entries are not in {fp_files["plain"]}' in log
+        assert f'Loaded QuantizedEDSR from {fp_files["plain"]}' in log
+        # (c) one QAT iteration at lr 1e-4 moves each weight by about 1e-4 at most (Adam); another init is far off
+        trained = load_checkpoint(str(out / 'experiments' / stage / 'models' / 'net_g_latest.pth'))['params']
+        for k, v in fp_files['state'].items():
+            assert torch.allclose(trained[k], v, atol=1e-3, rtol=0), k
+        far = max((fp_files['ema_state'][k] - v).abs().max().item() for k, v in fp_files['state'].items())
+        assert far > 0.05
+    # (c) W8A8 after one iteration: next to the FP row (a random start would be tens of dB off)
+    for r in (base, odm):
+        assert abs(r['psnr'] - fp['psnr']) < 0.1, (r['psnr'], fp['psnr'])
+        assert abs(r['psnr'] - r['log_psnr']) < 0.01  # BasicSR's own validation agrees
+
+
+def test_pretrained_fp_row_equals_odm_eval_of_the_checkpoint(pretrained_run, fp_files, tmp_path):
+    """(b) the FP row against an independent reference: odm-eval's functions on the val photos written as PNGs."""
+    from basicsr.utils import tensor2img
+
+    from odm_basicsr import evaluate
+
+    out, _ = pretrained_run
+    fp = json.loads((out / 'results.json').read_text())['stages'][0]
+    root = tmp_path / 'bench'
+    (root / 'val' / 'HR').mkdir(parents=True)
+    (root / 'val' / 'LRbicx2').mkdir()
+    for name, lq, gt in demo.val_pairs(2):
+        cv2.imwrite(str(root / 'val' / 'HR' / f'{name}.png'), gt)
+        cv2.imwrite(str(root / 'val' / 'LRbicx2' / f'{name}.png'), tensor2img([lq]))
+    net_opt, scale = evaluate.load_net_options(str(fp_files['opt']))
+    assert scale == 2
+    net = evaluate.build_network(net_opt)
+    assert evaluate.load_weights(net, str(fp_files['plain'])) is None  # a plain state dict
+    rows = evaluate.evaluate_set(net.eval(), evaluate.list_pairs(str(root), 'val', 2), 2, 'cpu')
+    assert {n: round(p, 4) for n, p, _ in rows} == fp['per_image_psnr']
+    assert fp['psnr'] == pytest.approx(sum(r[1] for r in rows) / len(rows), abs=1e-9)
+    assert fp['ssim'] == pytest.approx(sum(r[2] for r in rows) / len(rows), abs=1e-9)
+
+
+@pytest.mark.parametrize('which,key', [('plain', None), ('params', 'params'), ('both', 'params_ema')])
+def test_pretrained_checkpoint_kinds_load_as_the_qat_runs_load_them(fp_files, tmp_path, which, key):
+    """Plain state dict, ``params`` and ``params``+``params_ema`` checkpoints: the entry found, the options the QAT
+    stages get, BasicSR's (compat-patched) load_network with them, and the FP evaluation's loader."""
+    import types
+
+    import torch
+    from basicsr.archs import build_network
+    from basicsr.models.base_model import BaseModel
+
+    args = demo.parse_args(['--out', str(tmp_path / 'w'), '--pretrained-opt', str(fp_files['opt']),
+                            '--pretrained', str(fp_files[which])] + PRETRAINED_QAT)
+    assert (args.pretrained_key, args.scale, args.pretrained_net) == (key, 2, TINY_NET)
+    fp, base, odm = demo.plan_stages(args, demo.train_dataset_opt(args))
+    assert fp.pretrained and fp.checkpoint == str(fp_files[which]) and fp.param_key == key
+    assert base.opt['path']['param_key_g'] == odm.opt['path']['param_key_g'] == (key or 'params')
+    expected = fp_files['ema_state'] if key == 'params_ema' else fp_files['state']
+    net = build_network(deepcopy(base.opt['network_g']))
+    fake_model = types.SimpleNamespace(get_bare_model=lambda n: n)
+    BaseModel.load_network(fake_model, net, base.opt['path']['pretrain_network_g'], True,
+                           base.opt['path']['param_key_g'])
+    state = net.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in expected.items())
+    fp_net = demo.load_net(fp.opt['network_g'], fp.checkpoint, 'cpu', fp.param_key)
+    assert all(torch.equal(fp_net.state_dict()[k], v) for k, v in expected.items())
+    assert not (tmp_path / 'w').exists()  # parsing and planning create nothing
+
+
+@pytest.mark.parametrize('extra,message', [
+    (['--pretrained-opt', '{opt}'], '--pretrained-opt needs --pretrained too'),
+    (['--pretrained', '{plain}'], '--pretrained needs --pretrained-opt too'),
+    (['--pretrained-opt', '{dir}/missing.yml', '--pretrained', '{plain}'],
+     '--pretrained-opt: option file not found: {dir}/missing.yml'),
+    (['--pretrained-opt', '{opt}', '--pretrained', '{dir}/missing.pth'],
+     '--pretrained: checkpoint file not found: {dir}/missing.pth'),
+    (['--pretrained-opt', '{opt}', '--pretrained', '{wide}'],
+     '--pretrained: checkpoint {wide} [None] does not fit network EDSR'),
+    (['--pretrained-opt', '{opt}', '--pretrained', '{plain}', '--scale', '3'],
+     '--scale 3 conflicts with the x2 network of {opt}'),
+    (['--pretrained-opt', '{x3}', '--pretrained', '{plain}'], 'scale 3 conflicts with network_g upscale 2'),
+    (['--pretrained-opt', '{quantized}', '--pretrained', '{plain}'], 'network_g is Quantized; give the FP network'),
+    (['--pretrained-opt', '{opt}', '--pretrained', '{plain}', '--num-feat', '8'],
+     '--num-feat does not apply with --pretrained'),
+    (['--pretrained-opt', '{opt}', '--pretrained', '{plain}', '--fp-iters', '5'],
+     '--fp-iters does not apply with --pretrained'),
+    (['--pretrained-opt', '{opt}', '--pretrained', '{plain}', '--layers', 'no.such.*'],
+     '--layers no.such.*: '),
+    (['--pretrained-opt', '{vgg}', '--pretrained', '{vgg_ckpt}'],
+     '--layers default: Quantized: no default layer set for arch SRVGGNetCompact_basicsr'),
+    (['--layers', 'default', 'all'], '--layers: "default" and "all" stand alone'),
+])
+def test_pretrained_flag_errors_stop_before_anything_runs(fp_files, tmp_path, capsys, extra, message):
+    import torch
+    import yaml
+    from basicsr.archs.srvgg_arch import SRVGGNetCompact
+
+    vgg = {'type': 'SRVGGNetCompact_basicsr', 'num_in_ch': 3, 'num_out_ch': 3, 'num_feat': 4, 'num_conv': 2,
+           'upscale': 2}
+    files = {'opt': fp_files['opt'], 'plain': fp_files['plain'], 'wide': fp_files['wide'], 'dir': tmp_path,
+             'x3': tmp_path / 'x3.yml', 'quantized': tmp_path / 'q.yml', 'vgg': tmp_path / 'vgg.yml',
+             'vgg_ckpt': tmp_path / 'vgg.pth'}
+    files['x3'].write_text(yaml.safe_dump({'scale': 3, 'network_g': TINY_NET}))
+    files['quantized'].write_text(yaml.safe_dump({'network_g': {'type': 'Quantized', 'arch': TINY_NET}}))
+    files['vgg'].write_text(yaml.safe_dump(vgg))  # a network_g-only file; the scale from its upscale
+    torch.save(SRVGGNetCompact(**{k: v for k, v in vgg.items() if k != 'type'}).state_dict(), files['vgg_ckpt'])
+    fill = {k: str(v) for k, v in files.items()}
+    out = tmp_path / 'out'
+    with pytest.raises(SystemExit) as e:
+        demo.main(['--out', str(out)] + [a.format(**fill) for a in extra] + PRETRAINED_QAT)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # usage lines, then one error line
+    assert err.startswith('odm-demo: error: ') and message.format(**fill) in err, err
+    assert not out.exists()
+
+
+def test_pretrained_layers_all_is_passed_to_the_qat_stages(fp_files, tmp_path):
+    argv = ['--out', str(tmp_path / 'w'), '--layers', 'all']
+    args = demo.parse_args(argv)
+    assert args.layers == 'all' and args.pretrained_net is None and args.num_feat == demo.DEFAULT_NUM_FEAT
+    stages = demo.plan_stages(args, demo.train_dataset_opt(args))
+    assert 'layers' not in stages[0].opt['network_g']
+    assert all(s.opt['network_g']['layers'] == 'all' for s in stages[1:])
+    args = demo.parse_args(argv[:2] + ['--layers', 'body.0.conv1', 'conv_after_body', '--pretrained-opt',
+                                       str(fp_files['opt']), '--pretrained', str(fp_files['params'])])
+    stages = demo.plan_stages(args, demo.train_dataset_opt(args))
+    assert all(s.opt['network_g']['layers'] == ['body.0.conv1', 'conv_after_body'] for s in stages[1:])
+
+
+def test_demo_help_describes_the_pretrained_flags(capsys):
+    with pytest.raises(SystemExit):
+        demo.parse_args(['--help'])
+    text = capsys.readouterr().out
+    for flag in ('--pretrained-opt NET.yml', '--pretrained CKPT.pth', '--param-key', '--layers', 'plain state dict',
+                 'pretrain_network_g'):
+        assert flag in text, flag

@@ -92,15 +92,16 @@ def test_act_quantizer_initialises_from_first_batch():
 
 
 def test_calibration_averages_batches_and_passes_fp_through():
-    net = nn.Sequential(QConv2d(3, 4, 3, padding=1, w_bits=4, a_bits=4))
+    net = nn.Sequential(QConv2d(3, 4, 3, padding=1, w_bits=4, a_bits=4, act_options={'init': 'percentile'}))
     batches = [torch.rand(2, 3, 8, 8) * s for s in (1.0, 3.0)]
     with calibration(net):
         for b in batches:
             out = net(b)
             q = net[0]
-            # during calibration the activation passes unquantized (only the weight is quantized)
-            expected = torch.nn.functional.conv2d(b, q.quantized_weight(), q.bias, padding=1)
+            # during calibration the network is FP: neither the activation nor the weight is quantized
+            expected = torch.nn.functional.conv2d(b, q.weight, q.bias, padding=1)
             assert torch.allclose(out, expected, atol=1e-6)
+    assert not torch.allclose(net(batches[0]), expected, atol=1e-3)  # quantized again afterwards
     act = net[0].act_quant
     mean_upper = sum(percentile(b, 99) for b in batches).item() / 2
     assert act.initialized and act.upper.item() == pytest.approx(mean_upper, rel=1e-5)
@@ -132,17 +133,22 @@ def test_act_range_learns_at_useful_rate_on_0_255_features():
 def test_weight_quantizer_layer_and_channel():
     torch.manual_seed(0)
     w = torch.randn(6, 4, 3, 3)
-    wq = WeightQuantizer(3)(w)
+    assert WeightQuantizer(3).range_method == 'mse' and WeightQuantizer(3, clip_correction=True).range_method == \
+        'percentile'
+    wq = WeightQuantizer(3, range_method='maxabs')(w)
     assert len(torch.unique(wq)) <= 8
     assert wq.abs().max().item() == pytest.approx(w.abs().max().item(), rel=1e-6)  # max-abs range
     w[0] *= 100  # one loud channel: per channel keeps the quiet ones resolved
-    wc = WeightQuantizer(3, granularity='channel')(w)
+    wc = WeightQuantizer(3, granularity='channel', range_method='maxabs')(w)
     for c in range(6):
         assert len(torch.unique(wc[c])) <= 8
         assert wc[c].abs().max().item() == pytest.approx(w[c].abs().max().item(), rel=1e-6)
-    wl = WeightQuantizer(3, granularity='layer')(w)
+    wl = WeightQuantizer(3, granularity='layer', range_method='maxabs')(w)
     err_c, err_l = (wc[1:] - w[1:]).abs().mean(), (wl[1:] - w[1:]).abs().mean()
     assert err_c < 0.2 * err_l
+    # mse: a smaller quantization error than max-abs on the quiet channels' weights, per channel
+    wm = WeightQuantizer(3, granularity='channel', range_method='mse')(w)
+    assert ((wm - w) ** 2).sum() < ((wc - w) ** 2).sum()
     wp = WeightQuantizer(4, range_method='percentile', percentile=90)(w)
     assert wp.abs().max().item() == pytest.approx(percentile(w.abs(), 90).item(), rel=1e-5)
 

@@ -214,7 +214,7 @@ def test_odm_train_in_every_mode(mode, tmp_path):
     out = run(['odm-train', '-opt', str(write_opt(tmp_path, opt))], tmp_path)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     log = next((tmp_path / 'experiments' / f'odm_{mode}').glob('train_*.log')).read_text()
-    assert 'ODM calibration: activation ranges of 4 layers' in log and '# psnr:' in log
+    assert 'ODM calibration (fp): activation ranges of 4 layers' in log and '# psnr:' in log
     assert ('l_var:' in log) == (mode != 'off') and ('coop:' in log) == (mode in ('feature', 'param', 'cosine'))
     assert 'per-layer activation ranges and cooperation ratio' in log
     if mode == 'feature':

@@ -85,11 +85,11 @@ def Quantized(arch,
               a_bits=4,
               layers='default',
               exclude=None,
-              act_init='percentile',
+              act_init='mse',
               act_percentile=99.0,
               act_learnable=True,
               weight_granularity='layer',
-              weight_range='maxabs',
+              weight_range=None,
               weight_percentile=99.0,
               clip_correction=False,
               offsets=None,
@@ -106,13 +106,16 @@ def Quantized(arch,
         layers (str | list[str]): ``'default'`` (the arch's preset, see ``layer_presets.py``), ``'all'`` (every
             Conv2d/Linear but the first and last), or glob / ``re:`` patterns on module names. Default: 'default'.
         exclude (list[str]): Patterns removed from the selection. Default: None.
-        act_init (str): Activation range initialisation, ``'percentile'`` or ``'minmax'``. Default: 'percentile'.
+        act_init (str): Activation range statistic of calibration: ``'mse'`` (the range minimising the
+            quantization MSE at ``a_bits``), ``'percentile'`` or ``'minmax'``. Default: 'mse'.
         act_percentile (float): Upper percentile p; the lower bound uses 100 - p. Default: 99.
         act_learnable (bool): Learn the activation bounds. Default: True.
         weight_granularity (str): ``'layer'`` or ``'channel'`` (per output channel). Default: 'layer'.
-        weight_range (str): ``'maxabs'`` or ``'percentile'`` of |W|. Default: 'maxabs'.
+        weight_range (str | None): ``'mse'`` (the symmetric range minimising the quantization MSE of W at
+            ``w_bits``), ``'maxabs'`` or ``'percentile'`` of |W|; None: ``'percentile'`` with clip_correction (the
+            2024 version), else ``'mse'``. Default: None.
         weight_percentile (float): Percentile of |W| for ``weight_range: percentile``. Default: 99.
-        clip_correction (bool): 2024 version's weight clipping correction (learnable factor on a percentile
+        clip_correction (bool): 2024 version's weight clipping correction (learnable factor on the weight
             range). Default: False.
         offsets (dict | None): Distribution offsets (METHOD.md 4.3), attached by ``ODMModel`` at calibration:
             ``{select: topk | threshold, fraction: 0.25, threshold: ~, kind: auto | shift | scale}``.

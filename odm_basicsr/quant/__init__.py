@@ -35,9 +35,10 @@ from .offsets import (
 from .quantizers import ActQuantizer, WeightQuantizer, mse_range, mse_symmetric_range, percentile
 
 __all__ = [
-    'CALIBRATION_MODES', 'CalibrationError', 'calibrate', 'check_ranges', 'weights_unquantized',
+    'CALIBRATION_MODES', 'CalibrationError', 'calibrate', 'check_ranges', 'weights_unquantized', 'mse_range',
+    'mse_symmetric_range',
     'ActQuantizer', 'ChannelStats', 'DistributionOffset', 'FP_BITS', 'OFFSET_KINDS', 'QConv2d', 'QLinear',
-    'QUANTIZED_TYPES', 'QuantizedLayerMixin', 'VALID_BITS', 'WeightQuantizer', 'mse_range', 'mse_symmetric_range', 'act_quantizers', 'add_offsets',
+    'QUANTIZED_TYPES', 'QuantizedLayerMixin', 'VALID_BITS', 'WeightQuantizer', 'act_quantizers', 'add_offsets',
     'all_initialized', 'attach_offsets', 'calibration', 'channel_mismatch', 'channel_statistics', 'check_bits',
     'clip_to_range', 'collect_channel_stats', 'ensure_offsets_from_state', 'ensure_offsets_like', 'fake_quantize',
     'fold_offset', 'fold_offsets', 'mismatch_scores', 'offset_layers', 'offset_report', 'percentile',

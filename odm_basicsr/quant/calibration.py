@@ -169,7 +169,7 @@ def check_ranges(model, mode='fp'):
     for q in act_quantizers(model):
         if not bool(q.initialized):
             continue
-        lower, upper = float(q.lower), float(q.upper)
+        lower, upper = float(q.lower.detach()), float(q.upper.detach())
         if torch.isfinite(torch.tensor([lower, upper])).all() and lower < upper:
             continue
         name = owners.get(id(q), '<unnamed>')

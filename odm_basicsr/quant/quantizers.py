@@ -10,9 +10,9 @@ from .fake_quant import FP_BITS, check_bits, fake_quantize
 ACT_INIT_METHODS = ('percentile', 'minmax', 'mse')
 WEIGHT_RANGE_METHODS = ('maxabs', 'percentile', 'mse')
 #: Candidate clipping fractions of the MSE range search (of max |x| for weights, of min / max for activations).
-MSE_FRACTIONS = 64
+MSE_FRACTIONS = 48
 #: Activation elements the MSE search looks at per batch (a strided subsample of larger inputs).
-MSE_MAX_ELEMENTS = 1 << 17
+MSE_MAX_ELEMENTS = 1 << 15
 WEIGHT_GRANULARITIES = ('layer', 'channel')
 
 
@@ -59,11 +59,22 @@ def _quant_error(x, lower, upper, bits):
     return (q - x).square().sum(-1)
 
 
+def _fraction_grid(fractions, device, centre=None):
+    """``fractions`` clipping fractions: evenly spaced in (0, 1], or (refinement) within one coarse step of
+    ``centre`` (any shape; the grid gets a new leading dim)."""
+    f = torch.linspace(1.0 / fractions, 1.0, fractions, device=device)
+    if centre is None:
+        return f
+    fine = torch.linspace(-1.0 / fractions, 1.0 / fractions, fractions, device=device)
+    return (centre.unsqueeze(0) + fine.view(-1, *([1] * centre.dim()))).clamp(1e-4, 1.0)
+
+
 @torch.no_grad()
 def mse_symmetric_range(a, bits, fractions=MSE_FRACTIONS):
     """The ``u`` of the symmetric range ``[-u, u]`` minimising the quantization MSE of ``a``, per row.
 
-    Searches ``u = f * max|a|`` over ``fractions`` values of ``f`` evenly spaced in (0, 1].
+    Searches ``u = f * max|a|`` over ``fractions`` values of ``f`` evenly spaced in (0, 1], then over
+    ``fractions`` values within one step of the best (so the resolution is about ``1 / fractions**2``).
 
     Args:
         a (Tensor): Shape (C, N): C independent rows (one per layer or per output channel).
@@ -74,20 +85,25 @@ def mse_symmetric_range(a, bits, fractions=MSE_FRACTIONS):
     """
     a = a.float()
     top = a.abs().amax(dim=1).clamp_min(1e-12)  # (C,)
-    f = torch.linspace(1.0 / fractions, 1.0, fractions, device=a.device)  # (K,)
-    u = f.view(-1, 1, 1) * top.view(1, -1, 1)  # (K, C, 1)
-    err = _quant_error(a.unsqueeze(0), -u, u, bits)  # (K, C)
-    return u.squeeze(-1).gather(0, err.argmin(0, keepdim=True)).squeeze(0)
+    f = _fraction_grid(fractions, a.device).view(-1, 1).expand(-1, a.shape[0])  # (K, C)
+    for refine in (False, True):
+        if refine:
+            f = _fraction_grid(fractions, a.device, best)
+        u = (f * top).unsqueeze(-1)  # (K, C, 1)
+        err = _quant_error(a.unsqueeze(0), -u, u, bits)  # (K, C)
+        best = f.gather(0, err.argmin(0, keepdim=True)).squeeze(0)  # (C,)
+    return best * top
 
 
 @torch.no_grad()
 def mse_range(x, bits, fractions=MSE_FRACTIONS, rounds=2, max_elements=MSE_MAX_ELEMENTS):
     """(lower, upper) minimising the quantization MSE of ``x`` on ``2**bits`` levels.
 
-    Coordinate descent from ``[min, max]``: ``rounds`` times, ``upper = f * max`` then ``lower = f * min`` with
-    ``f`` over ``fractions`` values in (0, 1], each chosen with the other bound fixed. A non-negative input keeps
-    ``lower = 0`` exactly (after ReLU). Inputs larger than ``max_elements`` are subsampled with a fixed stride
-    (deterministic); the search bounds are the full input's min and max.
+    Coordinate descent from ``[min, max]``: ``rounds`` times, ``upper = f * max`` then ``lower = f * min``, each
+    chosen with the other bound fixed by a coarse search over ``fractions`` values of ``f`` in (0, 1] and a fine
+    one within a coarse step of the best. A non-negative input keeps ``lower = min`` (0 exactly after a ReLU).
+    Inputs larger than ``max_elements`` are subsampled with a fixed stride (deterministic); the search bounds are
+    the full input's min and max.
 
     Returns:
         Tensor: Shape (2,), float32.
@@ -96,15 +112,23 @@ def mse_range(x, bits, fractions=MSE_FRACTIONS, rounds=2, max_elements=MSE_MAX_E
     lo, hi = flat.min(), flat.max()
     if flat.numel() > max_elements:
         flat = flat[::-(-flat.numel() // max_elements)]
-    f = torch.linspace(1.0 / fractions, 1.0, fractions, device=flat.device).view(-1, 1)
+    gap = 1e-6 * (hi - lo).abs().clamp_min(1e-12)
     lower, upper = lo.clone(), hi.clone()
+
+    def search(bound, other, is_upper):
+        best = None
+        for refine in (False, True):
+            f = _fraction_grid(fractions, flat.device, best).view(-1, 1)
+            cand = (f * bound).clamp_min(other + gap) if is_upper else (f * bound).clamp_max(other - gap)
+            err = _quant_error(flat, lower if is_upper else cand, cand if is_upper else upper, bits)
+            best = f[err.argmin()].view(())
+        return (best * bound).clamp_min(other + gap) if is_upper else (best * bound).clamp_max(other - gap)
+
     for _ in range(rounds):
         if hi > 0:
-            cand = (f * hi).clamp_min(lower + 1e-6 * (hi - lo).abs().clamp_min(1e-12))
-            upper = cand[_quant_error(flat, lower, cand, bits).argmin()].squeeze()
+            upper = search(hi, lower, True)
         if lo < 0:
-            cand = (f * lo).clamp_max(upper - 1e-6 * (hi - lo).abs().clamp_min(1e-12))
-            lower = cand[_quant_error(flat, cand, upper, bits).argmin()].squeeze()
+            lower = search(lo, upper, False)
     return torch.stack([lower, upper])
 
 
@@ -131,12 +155,12 @@ class ActQuantizer(nn.Module):
         bits (int): 2 to 8. (Use no quantizer at all for 32.)
         init (str): ``'percentile'`` (lower/upper = the ``100 - p`` and ``p`` percentiles), ``'minmax'`` or
             ``'mse'`` (the range minimising the quantization MSE at ``bits``, :func:`mse_range`).
-            Default: 'percentile'.
+            Default: 'mse' (measured on RLFN: README, "Calibration").
         init_percentile (float): ``p`` for ``init='percentile'``. Default: 99.
         learnable (bool): Whether the bounds receive gradients. Default: True.
     """
 
-    def __init__(self, bits=4, init='percentile', init_percentile=99.0, learnable=True):
+    def __init__(self, bits=4, init='mse', init_percentile=99.0, learnable=True):
         super().__init__()
         self.bits = check_bits(bits, 'a_bits')
         if self.bits == FP_BITS:
@@ -223,7 +247,8 @@ class WeightQuantizer(nn.Module):
         bits (int): 2 to 8.
         granularity (str): ``'layer'`` or ``'channel'``. Default: 'layer'.
         range_method (str | None): ``'maxabs'``, ``'percentile'`` or ``'mse'``; None: ``'percentile'`` with
-            clip correction, else ``'maxabs'``. Default: None.
+            clip correction (the 2024 version), else ``'mse'`` (measured on RLFN: README, "Calibration").
+            Default: None.
         percentile (float): Percentile of |W| for ``'percentile'``. Default: 99.
         clip_correction (bool): Learnable per-layer factor on the range. Default: False.
     """
@@ -236,7 +261,7 @@ class WeightQuantizer(nn.Module):
         self.granularity = _check_choice(granularity, WEIGHT_GRANULARITIES, 'weight_granularity')
         self.clip_correction = bool(clip_correction)
         if range_method is None:
-            range_method = 'percentile' if self.clip_correction else 'maxabs'
+            range_method = 'percentile' if self.clip_correction else 'mse'
         self.range_method = _check_choice(range_method, WEIGHT_RANGE_METHODS, 'weight_range')
         self.percentile = _check_percentile(percentile, 'weight_percentile')
         self.enabled = True
