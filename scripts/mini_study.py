@@ -116,6 +116,11 @@ def build_parser():
     p.add_argument('--var-shares', nargs=3, type=float, metavar=('LOW', 'MID', 'HIGH'),
                    help='odm_low / odm / odm_high regulariser weight as a share of l_pix at the start (default with '
                    f'--pretrained-opt: {" ".join(map(str, DEFAULT_VAR_SHARES))}; otherwise --var-weight for odm)')
+    p.add_argument('--act-init', choices=('mse', 'percentile', 'minmax'),
+                   help='network_g.act_init of every QAT arm (default: the Quantized default)')
+    p.add_argument('--weight-range', choices=('mse', 'maxabs', 'percentile'),
+                   help='network_g.weight_range of every QAT arm but v2 and clip_only, which keep the 2024 '
+                   'percentile x learnable factor (default: the Quantized default)')
     p.add_argument('--batch', type=_positive_int, default=BATCH, help=f'batch size (default {BATCH})')
     p.add_argument('--lr-patch', type=_positive_int, default=LR_PATCH, help=f'LR patch (default {LR_PATCH})')
     p.add_argument('--seeds', nargs='+', type=int, default=list(DEFAULT_SEEDS),
@@ -154,6 +159,9 @@ def parse_args(argv=None):
                 parser.error(f'file not found: {path}')
         args.net_opt, args.scale = load_net_options(args.pretrained_opt)
         args.pretrained = os.path.abspath(args.pretrained)
+        from odm_basicsr.compat import load_checkpoint, select_state_dict
+        args.pretrained_key = select_state_dict(load_checkpoint(args.pretrained), 'params_ema', 'params',
+                                                source=args.pretrained)[0]
         if args.var_shares is None:
             args.var_shares = list(DEFAULT_VAR_SHARES)
     args.hr_images = []
@@ -231,7 +239,10 @@ def qat_stage(args, train_set, arm, layers, seed):
     opt['path']['pretrain_network_g'] = args.pretrained or os.path.join('experiments', 'fp', 'models',
                                                                         'net_g_latest.pth')
     if args.pretrained:
-        opt['path']['param_key_g'] = None  # params, params_ema or a plain state dict
+        opt['path']['param_key_g'] = args.pretrained_key  # params_ema, params, or None for a plain state dict
+    for key in ('act_init', 'weight_range'):
+        if getattr(args, key, None) and not (key == 'weight_range' and arm in ('v2', 'clip_only')):
+            opt['network_g'][key] = getattr(args, key)
     train = opt['train']
     train['calibration'] = {'batches': CALIB_BATCHES}
     if arm in ('qat', 'offsets_only', 'clip_only', 'qlr10'):
@@ -526,7 +537,8 @@ def main(argv=None):
                          'fp_seed': FP_SEED,
                          'calibration_batches': CALIB_BATCHES, 'offsets': OFFSETS, 'device': args.device,
                          'pretrained': args.pretrained, 'pretrained_opt': args.pretrained_opt,
-                         'var_shares': args.var_shares, 'var_unit': args.var_unit},
+                         'var_shares': args.var_shares, 'var_unit': args.var_unit, 'act_init': args.act_init,
+                         'weight_range': args.weight_range},
             'bicubic': bicubic,
             'runs': runs,
             'summary': summarize(runs, args),

@@ -130,3 +130,52 @@ def test_summary_ties_wins_losses():
     assert rows['v2']['sets']['Set5']['delta_psnr']['verdict'] == 'tie'
     assert rows['fp']['sets']['Set5']['delta_psnr']['verdict'] == 'win'
     assert rows['qat']['sets']['Set5']['psnr']['std'] == pytest.approx(0.1)
+
+
+def test_pretrained_start_plans_the_issue_arms(tiny_data, tmp_path):
+    """With --pretrained-opt there is no FP stage; each arm's options say what the arm changes; naive_matched takes
+    odm's weight times the coop that odm's run logged; odm's weights are the given shares of l_pix / l_var."""
+    import torch
+    import yaml
+    from basicsr.archs import build_network
+    from odm_helpers import load_script
+    study = load_script('mini_study')
+    arch = {'type': 'EDSR', 'num_in_ch': 3, 'num_out_ch': 3, 'num_feat': 4, 'num_block': 1, 'upscale': SCALE}
+    torch.manual_seed(0)
+    ckpt = tmp_path / 'fp.pth'
+    torch.save(build_network(dict(arch)).state_dict(), ckpt)  # a plain state dict
+    net_yml = tmp_path / 'net.yml'
+    net_yml.write_text(yaml.safe_dump({'scale': SCALE, 'network_g': arch}))
+    args = study.parse_args(['--out', str(tmp_path / 'o'), '--data', str(tiny_data), '--train-sets', 'T91',
+                             '--pretrained-opt', str(net_yml), '--pretrained', str(ckpt), '--seeds', '0',
+                             '--layer-sets', 'default', '--arms', 'qat', 'naive_matched', 'clip_only', 'qlr10',
+                             'v2', 'v2_noclip', 'odm_low'])
+    assert args.pretrained_key is None and args.var_shares == [0.01, 0.1, 0.5]
+    assert args.arms.index('odm') < args.arms.index('naive_matched')  # odm is added and runs first
+    args.var_unit = {'default': 2e-3}
+    makers = study.plan(args, {'name': 't'})
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        log_dir = tmp_path / 'experiments' / 'odm_default_s0'
+        log_dir.mkdir(parents=True)
+        (log_dir / 'train_odm.log').write_text('l_pix: 3.0e-02 coop: 4.0000e-01 agree: 5.0e-01\n'
+                                               'l_pix: 2.0e-02 coop: 2.0000e-01\n')
+        stages = {st.name: st for st in (m() for m in makers)}
+    finally:
+        os.chdir(cwd)
+    assert 'fp' not in stages and set(stages) == {f'{a}_default_s0' for a in args.arms if a != 'fp'}
+    opts = {name.rsplit('_default', 1)[0]: st.opt for name, st in stages.items()}
+    for o in opts.values():
+        assert o['network_g']['arch'] == arch and o['path']['pretrain_network_g'] == str(ckpt)
+        assert o['path']['param_key_g'] is None
+    assert opts['qat']['train']['cooperation'] == 'off' and 'clip_correction' not in opts['qat']['network_g']
+    assert opts['clip_only']['network_g']['clip_correction'] is True
+    assert opts['clip_only']['train']['cooperation'] == 'off'
+    assert opts['qlr10']['train']['quant_lr_mult'] == 10 and opts['qlr10']['train']['cooperation'] == 'off'
+    assert opts['v2']['network_g']['clip_correction'] is True and opts['v2_noclip']['network_g'][
+        'clip_correction'] is False
+    assert opts['odm']['train']['var_opt']['loss_weight'] == pytest.approx(0.1 * 2e-3)
+    assert opts['odm_low']['train']['var_opt']['loss_weight'] == pytest.approx(0.01 * 2e-3)
+    assert opts['naive_matched']['train']['cooperation'] == 'naive'
+    assert opts['naive_matched']['train']['var_opt']['loss_weight'] == pytest.approx(0.1 * 2e-3 * 0.3)

@@ -85,10 +85,11 @@ def mse_symmetric_range(a, bits, fractions=MSE_FRACTIONS):
     """
     a = a.float()
     top = a.abs().amax(dim=1).clamp_min(1e-12)  # (C,)
-    f = _fraction_grid(fractions, a.device).view(-1, 1).expand(-1, a.shape[0])  # (K, C)
-    for refine in (False, True):
-        if refine:
-            f = _fraction_grid(fractions, a.device, best)
+    best = None
+    for _ in range(2):  # coarse, then fine around the best
+        f = _fraction_grid(fractions, a.device, best)
+        if best is None:
+            f = f.view(-1, 1).expand(-1, a.shape[0])  # (K, C)
         u = (f * top).unsqueeze(-1)  # (K, C, 1)
         err = _quant_error(a.unsqueeze(0), -u, u, bits)  # (K, C)
         best = f.gather(0, err.argmin(0, keepdim=True)).squeeze(0)  # (C,)
@@ -117,7 +118,7 @@ def mse_range(x, bits, fractions=MSE_FRACTIONS, rounds=2, max_elements=MSE_MAX_E
 
     def search(bound, other, is_upper):
         best = None
-        for refine in (False, True):
+        for _ in range(2):  # coarse, then fine around the best
             f = _fraction_grid(fractions, flat.device, best).view(-1, 1)
             cand = (f * bound).clamp_min(other + gap) if is_upper else (f * bound).clamp_max(other - gap)
             err = _quant_error(flat, lower if is_upper else cand, cand if is_upper else upper, bits)
