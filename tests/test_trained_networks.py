@@ -97,8 +97,8 @@ def test_non_finite_range_is_refused_with_the_layer_named():
     net = build_network({'type': 'Quantized', 'arch': {'type': 'EDSR', **TINY['EDSR'](2)}, 'w_bits': 4, 'a_bits': 4})
     x = torch.rand(1, 3, 8, 8)
     x[0, 0, 0, 0] = float('nan')
-    with pytest.raises(CalibrationError, match=r"layer 'body\.0\.conv1' the range \[nan, nan\] \(a_bits=4, "
-                       r"statistic 'mse'\).*FP network itself produces non-finite values"):
+    with pytest.raises(CalibrationError, match=r"layer 'body\.0\.conv1' the range \[.*nan\] \(a_bits=4, "
+                       r"statistic 'percentile'\).*FP network itself produces non-finite values"):
         calibrate(net, [x])
     with pytest.raises(ValueError, match='mode must be one of'):
         calibrate(net, [x], mode='quantized')
@@ -183,17 +183,16 @@ def test_rlfn_w8a8_calibration_alone_is_within_0p2_db_of_fp():
 
 
 @needs_rlfn
-@pytest.mark.parametrize('bits', [4, 2])
-@pytest.mark.parametrize('mode', ['fp', 'sequential'])
-def test_rlfn_low_bit_calibration_is_finite(bits, mode):
-    net = _rlfn(bits, 'all')
-    batches = _rlfn_batches(n=2, batch=4, lr_patch=24)
+@pytest.mark.parametrize('bits, mode, layers', [(4, 'fp', 'all'), (2, 'fp', 'all'), (2, 'sequential', 'default')])
+def test_rlfn_low_bit_calibration_is_finite(bits, mode, layers):
+    net = _rlfn(bits, layers)
+    batches = _rlfn_batches(n=1, batch=4, lr_patch=24)
     calibrate(net, batches, mode)
     ranges = _ranges(net)
-    assert len(ranges) == 37  # every conv but fea_conv and upsampler.0 (ESA convs included)
-    # FP inputs of RLFN never exceed a few hundred (0-255 scale); the FP calibration stays at that scale
+    # all: every conv but fea_conv and upsampler.0 (ESA convs included); default: the 3x3 convs of the 4 blocks
+    assert len(ranges) == (37 if layers == 'all' else 12)
     assert all(np.isfinite([lo, hi]).all() and lo < hi for _, lo, hi in ranges)
-    if mode == 'fp':
+    if mode == 'fp':  # the FP network's layer inputs stay at the scale of a few hundred (0-255 features)
         assert max(hi for _, _, hi in ranges) < 2000
     with torch.no_grad():
         assert torch.isfinite(net(batches[0])).all()

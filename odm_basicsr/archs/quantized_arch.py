@@ -85,7 +85,7 @@ def Quantized(arch,
               a_bits=4,
               layers='default',
               exclude=None,
-              act_init='mse',
+              act_init='auto',
               act_percentile=99.0,
               act_learnable=True,
               weight_granularity='layer',
@@ -107,13 +107,15 @@ def Quantized(arch,
             Conv2d/Linear but the first and last), or glob / ``re:`` patterns on module names. Default: 'default'.
         exclude (list[str]): Patterns removed from the selection. Default: None.
         act_init (str): Activation range statistic of calibration: ``'mse'`` (the range minimising the
-            quantization MSE at ``a_bits``), ``'percentile'`` or ``'minmax'``. Default: 'mse'.
+            quantization MSE at ``a_bits``), ``'percentile'``, ``'minmax'``, or ``'auto'`` (chosen per bit width by
+            measurement: ``quant.quantizers.default_act_init``). Default: 'auto'.
         act_percentile (float): Upper percentile p; the lower bound uses 100 - p. Default: 99.
         act_learnable (bool): Learn the activation bounds. Default: True.
         weight_granularity (str): ``'layer'`` or ``'channel'`` (per output channel). Default: 'layer'.
         weight_range (str | None): ``'mse'`` (the symmetric range minimising the quantization MSE of W at
-            ``w_bits``), ``'maxabs'`` or ``'percentile'`` of |W|; None: ``'percentile'`` with clip_correction (the
-            2024 version), else ``'mse'``. Default: None.
+            ``w_bits``), ``'maxabs'`` or ``'percentile'`` of |W|; None or ``'auto'``: chosen per bit width by
+            measurement (``quant.quantizers.default_weight_range``; the 2024 percentile with clip_correction).
+            Default: None.
         weight_percentile (float): Percentile of |W| for ``weight_range: percentile``. Default: 99.
         clip_correction (bool): 2024 version's weight clipping correction (learnable factor on the weight
             range). Default: False.
