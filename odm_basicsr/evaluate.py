@@ -194,16 +194,13 @@ def list_pairs(root, set_name, scale):
 def super_resolve(net, lr_bgr, scale, device, window=None):
     """SR of an 8-bit BGR image as an 8-bit BGR image (``tensor2img``)."""
     import torch
-    import torch.nn.functional as F
     from basicsr.utils import img2tensor, tensor2img
+
+    from odm_basicsr.archs.arch_util import pad_to_window
 
     lq = img2tensor(lr_bgr.astype('float32') / 255.0, bgr2rgb=True, float32=True).unsqueeze(0).to(device)
     h, w = lq.shape[-2:]
-    if window:
-        ph, pw = (-h) % window, (-w) % window
-        if ph or pw:
-            mode = 'reflect' if ph < h and pw < w else 'replicate'
-            lq = F.pad(lq, (0, pw, 0, ph), mode=mode)
+    lq = pad_to_window(lq, window)
     with torch.no_grad():
         out = net(lq)
     out = out[..., :h * scale, :w * scale]

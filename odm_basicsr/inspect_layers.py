@@ -54,6 +54,7 @@ from odm_basicsr.evaluate import (
     read_image,
     window_size,
 )
+from odm_basicsr.evaluate import _device as eval_device
 
 PROG = 'odm-inspect'
 PERCENTILES = (0.1, 1.0, 50.0, 99.0, 99.9)
@@ -105,30 +106,23 @@ def list_images(data, scale):
 
 def load_inputs(paths, device, window=None):
     """Each image as a (1, 3, H, W) RGB [0, 1] tensor on ``device`` (padded to the window as odm-eval does)."""
-    import torch.nn.functional as F
     from basicsr.utils import img2tensor
+
+    from odm_basicsr.archs.arch_util import pad_to_window
 
     out = []
     for path in paths:
         bgr = read_image(path)
         x = img2tensor(bgr.astype('float32') / 255.0, bgr2rgb=True, float32=True).unsqueeze(0).to(device)
-        if window:
-            h, w = x.shape[-2:]
-            ph, pw = (-h) % window, (-w) % window
-            if ph or pw:
-                x = F.pad(x, (0, pw, 0, ph), mode='reflect' if ph < h and pw < w else 'replicate')
-        out.append(x)
+        out.append(pad_to_window(x, window))
     return out
 
 
 def _device(name):
-    import torch
-
-    if name == 'auto':
-        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    if name == 'cuda' and not torch.cuda.is_available():
-        raise InspectError('--device cuda: CUDA is not available')
-    return torch.device(name)
+    try:
+        return eval_device(name)
+    except EvalError as e:
+        raise InspectError(str(e)) from e
 
 
 # --------------------------------------------------------------------------------------------------------- network

@@ -29,3 +29,18 @@ class PixelRangeMixin:
 
     def from_pixel_range(self, out):
         return out / self.img_range if self.mean is None else out / self.img_range + self.mean
+
+
+def pad_to_window(x, window):
+    """Pad an (N, C, H, W) tensor at the bottom and right to multiples of ``window`` (windowed archs: SwinIR).
+
+    Reflection where the image is larger than the padding, else replication. ``window`` None or 0: ``x`` itself.
+    Crop the output back to ``H * scale, W * scale``.
+    """
+    if not window:
+        return x
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % window, (-w) % window
+    if not (ph or pw):
+        return x
+    return torch.nn.functional.pad(x, (0, pw, 0, ph), mode='reflect' if ph < h and pw < w else 'replicate')

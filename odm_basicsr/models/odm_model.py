@@ -14,6 +14,7 @@ from basicsr.utils import get_root_logger
 from basicsr.utils.registry import LOSS_REGISTRY, MODEL_REGISTRY
 from torch.utils.data import DataLoader
 
+from odm_basicsr.archs.arch_util import pad_to_window
 from odm_basicsr.odm.cooperation import (
     COOPERATION_MODES,
     FeatureGate,
@@ -265,9 +266,7 @@ class ODMModel(SRModel):
         if not window or (h % window == 0 and w % window == 0):
             return super().test()
         lq, scale = self.lq, self.opt.get('scale', 1)
-        pad_h, pad_w = (window - h % window) % window, (window - w % window) % window
-        mode = 'reflect' if pad_h < h and pad_w < w else 'replicate'
-        self.lq = torch.nn.functional.pad(lq, (0, pad_w, 0, pad_h), mode=mode)
+        self.lq = pad_to_window(lq, window)
         try:
             super().test()
         finally:
