@@ -315,14 +315,20 @@ def run(args):
     return summary
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
+def run_cli(prog, parser, run_fn, argv=None):
+    """Parse ``argv``, call ``run_fn(args)``; an :class:`EvalError` becomes one line ``<prog>: error: ...`` on
+    stderr and its exit status (2, or 3 for a non-finite checkpoint)."""
+    args = parser.parse_args(argv)
     try:
-        run(args)
+        run_fn(args)
     except EvalError as e:
-        print(f'odm-eval: error: {e}', file=sys.stderr)
+        print(f'{prog}: error: {" ".join(str(e).split())}', file=sys.stderr)
         sys.exit(getattr(e, 'exit_status', 2))
     return 0
+
+
+def main(argv=None):
+    return run_cli('odm-eval', build_parser(), run, argv)
 
 
 if __name__ == '__main__':

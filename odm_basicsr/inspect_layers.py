@@ -40,7 +40,6 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 from contextlib import contextmanager
 
@@ -52,6 +51,7 @@ from odm_basicsr.evaluate import (
     load_net_options,
     load_weights,
     read_image,
+    run_cli,
     window_size,
 )
 from odm_basicsr.evaluate import _device as eval_device
@@ -650,14 +650,7 @@ def run(args):
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except EvalError as e:
-        msg = ' '.join(str(e).split())
-        print(f'{PROG}: error: {msg}', file=sys.stderr)
-        sys.exit(getattr(e, 'exit_status', 2))
-    return 0
+    return run_cli(PROG, build_parser(), run, argv)
 
 
 if __name__ == '__main__':
