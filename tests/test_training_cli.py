@@ -215,7 +215,10 @@ def test_odm_train_in_every_mode(mode, tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     log = next((tmp_path / 'experiments' / f'odm_{mode}').glob('train_*.log')).read_text()
     assert 'ODM calibration (fp): activation ranges of 4 layers' in log and '# psnr:' in log
-    assert ('l_var:' in log) == (mode != 'off') and ('coop:' in log) == (mode in ('feature', 'param', 'cosine'))
+    assert ('l_var:' in log) == (mode != 'off') and ('coop:' in log) == (mode != 'off')
+    assert ('agree:' in log) == (mode in ('feature', 'param'))  # the sign-gate modes
+    if mode == 'naive':
+        assert 'coop: 1.0000e+00' in log  # all of the regulariser's gradient is applied
     assert 'per-layer activation ranges and cooperation ratio' in log
     if mode == 'feature':
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
