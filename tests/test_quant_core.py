@@ -133,9 +133,9 @@ def test_act_range_learns_at_useful_rate_on_0_255_features():
 def test_weight_quantizer_layer_and_channel():
     torch.manual_seed(0)
     w = torch.randn(6, 4, 3, 3)
-    # per-bit-width defaults (chosen by the RLFN calibration study, README): mse at 2 and 6-8, percentile at 3-5
+    # per-bit-width defaults (chosen by the RLFN calibration study, README)
     assert [WeightQuantizer(b).range_method for b in (2, 3, 4, 5, 6, 8)] == ['mse'] + ['percentile'] * 3 + ['mse'] * 2
-    assert [ActQuantizer(b).init for b in (2, 3, 4, 5, 6, 8)] == ['mse'] + ['percentile'] * 3 + ['minmax'] * 2
+    assert [ActQuantizer(b).init for b in (2, 3, 4, 5, 6, 8)] == ['mse'] * 2 + ['percentile'] * 2 + ['minmax'] * 2
     assert WeightQuantizer(2, clip_correction=True).range_method == 'percentile'
     assert WeightQuantizer(2, range_method='maxabs').range_method == 'maxabs'
     wq = WeightQuantizer(3, range_method='maxabs')(w)

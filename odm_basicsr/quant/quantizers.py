@@ -14,15 +14,16 @@ WEIGHT_RANGE_METHODS = ('auto', 'maxabs', 'percentile', 'mse')
 def default_act_init(bits):
     """The activation range statistic chosen per bit width by measurement (README, "Calibration on a trained
     network": published RLFN, FP calibration, no training, Set5/Set14): min-max at 6-8 bits (MSE and percentiles
-    clip the outliers an SR network needs: -0.02 / -1.4 dB at 8), percentiles at 3-5 bits (+1.0 dB over MSE at 4;
-    3 bits not measured), MSE at 2 bits (+2.4 dB over percentiles)."""
-    return 'minmax' if bits >= 6 else 'percentile' if bits >= 3 else 'mse'
+    clip outliers an SR network needs: +0.02 / +1.4 dB Set5 over them at 8, +1.0 over percentiles at 6),
+    percentiles at 4-5 bits (+0.7 dB over MSE at 4; 5 bits not measured), MSE at 2-3 bits (+1.3 dB over
+    percentiles at 3, +2.4 at 2)."""
+    return 'minmax' if bits >= 6 else 'percentile' if bits >= 4 else 'mse'
 
 
 def default_weight_range(bits, clip_correction=False):
     """The per-layer weight range chosen per bit width by measurement (same study): the 2024 percentile with clip
-    correction; else MSE at 2 bits (+6.6 dB over percentiles, +20 over max |W|) and at 6-8 bits (+0.04 over
-    max |W|), percentiles at 3-5 bits (+0.6 dB over MSE at 4; 3 bits not measured)."""
+    correction; else MSE at 2 bits (+6.6 dB Set5 over percentiles, +20 over max |W|) and at 6-8 bits (+0.04 over
+    max |W| at 8), percentiles at 3-5 bits (+0.6 dB over MSE at 4, +1.8 at 3; 5 bits not measured)."""
     if clip_correction:
         return 'percentile'
     return 'percentile' if 3 <= bits <= 5 else 'mse'
