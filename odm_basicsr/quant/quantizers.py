@@ -23,7 +23,7 @@ def default_act_init(bits):
 def default_weight_range(bits, clip_correction=False):
     """The per-layer weight range chosen per bit width by measurement (same study): the 2024 percentile with clip
     correction; else MSE at 2 bits (+6.6 dB Set5 over percentiles, +20 over max |W|) and at 6-8 bits (+0.04 over
-    max |W| at 8), percentiles at 3-5 bits (+0.6 dB over MSE at 4, +1.8 at 3; 5 bits not measured)."""
+    max |W| at 8), percentiles at 3-5 bits (+0.6 dB over MSE at 4, +2.3 at 3; 5 bits not measured)."""
     if clip_correction:
         return 'percentile'
     return 'percentile' if 3 <= bits <= 5 else 'mse'
