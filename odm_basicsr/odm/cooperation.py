@@ -268,7 +268,9 @@ def cooperative_feature(x, grad_fn, record=None, gate=True):
     fg = FeatureGate(gate)
     if record is not None:
         fg.stats[''] = record
-    return fg.add(x, grad_fn, '', record is not None)
+    out = fg.add(x, grad_fn, '', record is not None)
+    fg.reset()  # the hook refers to the gate: the gate must not keep x, or x -> graph -> hook -> gate -> x is a cycle
+    return out
 
 
 def all_reduce_mean_(tensors):
