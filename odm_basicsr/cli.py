@@ -38,7 +38,7 @@ def run_pipeline(is_train, argv=None):
 
     Exit status: 0 done, 2 option error, 3 non-finite network / diverged training (others: an unexpected error).
     """
-    import odm_basicsr  # noqa: F401  (compatibility fixes + registration, before basicsr is used)
+    import odm_basicsr.plugin  # noqa: F401  (BasicSR fixes + registration first)
     from odm_basicsr.guards import NonFiniteError, TrainingDivergedError
     from odm_basicsr.utils.option_check import OptionError, check_options
 

@@ -836,7 +836,7 @@ def main(argv=None):
     def log(msg):
         print(msg, flush=True)
 
-    import odm_basicsr  # noqa: F401  (compatibility fixes and registration before any basicsr import)
+    import odm_basicsr.plugin  # noqa: F401  (BasicSR fixes + registration first)
 
     paired = None
     if args.data is not None:

@@ -18,7 +18,7 @@ import os
 import sys
 from collections import Counter
 
-import odm_basicsr  # noqa: F401  (compatibility fixes and arch registration before any basicsr import)
+import odm_basicsr.archs  # noqa: F401  (BasicSR fixes + registration first)
 
 IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp')
 

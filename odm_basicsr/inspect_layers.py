@@ -43,7 +43,7 @@ import os
 import time
 from contextlib import contextmanager
 
-import odm_basicsr  # noqa: F401  (compatibility fixes and arch registration before any basicsr import)
+import odm_basicsr.archs  # noqa: F401  (BasicSR fixes + registration first)
 from odm_basicsr.evaluate import (
     IMAGE_EXTS,
     EvalError,

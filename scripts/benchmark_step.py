@@ -48,7 +48,7 @@ import time
 import numpy as np
 import torch
 
-import odm_basicsr  # noqa: F401  (compatibility fixes and registration before any basicsr import)
+import odm_basicsr.plugin  # noqa: F401  (BasicSR fixes + registration first)
 
 # isort: split
 from basicsr.data import build_dataset

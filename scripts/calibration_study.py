@@ -21,7 +21,7 @@ import time
 import numpy as np
 import torch
 
-import odm_basicsr  # noqa: F401  (compatibility fixes and registration before any basicsr import)
+import odm_basicsr.archs  # noqa: F401  (BasicSR fixes + registration first)
 from basicsr.utils.matlab_functions import imresize
 from odm_basicsr import evaluate as ev
 from odm_basicsr.compat import load_checkpoint, select_state_dict

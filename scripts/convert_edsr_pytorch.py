@@ -39,7 +39,7 @@ https://cv.snu.ac.kr/research/EDSR/models/ (URLs in EDSR-PyTorch's ``src/model/e
 DDTB's FP models in the Google Drive folder linked from https://github.com/zysxmu/DDTB.
 """
 # ruff: noqa: I001
-import odm_basicsr  # noqa: F401  (compatibility fixes and registration before basicsr is imported)
+import odm_basicsr.archs  # noqa: F401  (BasicSR fixes + registration first)
 
 import argparse
 import math

@@ -22,7 +22,7 @@ experiment ``name`` is the file name without ``train_`` / ``test_`` and ``.yml``
 Everything that varies is in the tables below (``ARCHS``, ``LAMBDA_VAR``, ``RECIPE``); edit them and rerun.
 """
 # ruff: noqa: I001
-import odm_basicsr  # noqa: F401  (compatibility fixes before basicsr is imported)
+import odm_basicsr.archs  # noqa: F401  (BasicSR fixes + registration first)
 
 import argparse
 import os

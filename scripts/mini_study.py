@@ -19,7 +19,7 @@ import sys
 import time
 from argparse import Namespace
 
-import odm_basicsr  # noqa: F401  (compatibility fixes and registration before any basicsr import)
+import odm_basicsr.plugin  # noqa: F401  (BasicSR fixes + registration first)
 from odm_basicsr import demo
 
 ARMS = ('fp', 'qat', 'odm', 'odm_low', 'odm_high', 'naive_half', 'naive_matched', 'offsets_only', 'clip_only',

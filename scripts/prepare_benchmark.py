@@ -27,7 +27,7 @@ input folder may be ``<out>/HR`` itself (then only GTmod12 and the LR folders ar
 Check the result with ``python scripts/check_dataset.py <out>``.
 """
 # ruff: noqa: I001
-import odm_basicsr  # noqa: F401  (compatibility fixes before basicsr is imported)
+import odm_basicsr.archs  # noqa: F401  (BasicSR fixes + registration first)
 
 import argparse
 import os

@@ -26,7 +26,7 @@ sub-images. The LMDBs are written by BasicSR's ``make_lmdb_from_imgs`` (keys = f
 Check the result with ``python scripts/check_dataset.py <root>``.
 """
 # ruff: noqa: I001
-import odm_basicsr  # noqa: F401  (compatibility fixes before basicsr is imported)
+import odm_basicsr.archs  # noqa: F401  (BasicSR fixes + registration first)
 
 import argparse
 import os

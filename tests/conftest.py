@@ -1,7 +1,7 @@
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import odm_basicsr  # noqa: F401  (compatibility fixes and registration before any basicsr import)
+import odm_basicsr.plugin  # noqa: F401  (BasicSR fixes + registration first)
 
 
 @pytest.fixture

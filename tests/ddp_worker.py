@@ -6,7 +6,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-import odm_basicsr  # noqa: F401
+import odm_basicsr.plugin  # noqa: F401  (BasicSR fixes + registration first)
 from basicsr.utils import set_random_seed
 from basicsr.utils.dist_util import init_dist
 from odm_basicsr.models.odm_model import ODMModel

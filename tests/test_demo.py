@@ -1,4 +1,4 @@
-import odm_basicsr  # noqa: F401, I001  (must precede any basicsr import)
+import odm_basicsr.plugin  # noqa: F401, I001  (BasicSR fixes + registration first)
 
 # ``odm-demo`` end to end with tiny settings (real training subprocesses on CPU), its re-run and its flags.
 import json

@@ -1,4 +1,4 @@
-import odm_basicsr  # noqa: F401, I001  (must precede any basicsr import)
+import odm_basicsr.plugin  # noqa: F401, I001  (BasicSR fixes + registration first)
 
 import os.path as osp
 import pickle

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import odm_basicsr  # noqa: F401  (must precede any basicsr import: compatibility stub + registration)
+import odm_basicsr.archs  # noqa: F401  (BasicSR fixes + registration first)
 from odm_basicsr.archs.rdn_arch import RDN
 from odm_basicsr.archs.srresnet_bn_arch import SRResNet
 

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-import odm_basicsr  # noqa: F401  (compatibility fixes and registration before any basicsr import)
+import odm_basicsr.plugin  # noqa: F401  (BasicSR fixes + registration first)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, 'scripts', 'mini_study.py')

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-import odm_basicsr  # noqa: F401  (must precede any basicsr import: compatibility stub + registration)
+import odm_basicsr.archs  # noqa: F401  (BasicSR fixes + registration first)
 from odm_basicsr.archs.rlfn_arch import RLFN
 
 REPO = Path(__file__).resolve().parents[1]
