@@ -2,7 +2,9 @@
 import difflib
 import inspect
 
+import torch
 from basicsr.utils.registry import ARCH_REGISTRY
+from torch import nn
 
 from odm_basicsr.quant import (
     FP_BITS,
@@ -14,6 +16,7 @@ from odm_basicsr.quant import (
     select_layers,
     swap_layers,
 )
+from odm_basicsr.quant.float_outputs import float_output_layers
 
 from .layer_presets import LAYER_PRESETS, all_but_first_last
 
@@ -93,6 +96,10 @@ def Quantized(arch,
               weight_percentile=99.0,
               clip_correction=False,
               offsets=None,
+              act_grid='free',
+              weight_grid='midrise',
+              output_quant=None,
+              output_bits=8,
               **unknown):
     """Build a registered BasicSR arch and quantize the selected convolution/linear layers.
 
@@ -122,16 +129,31 @@ def Quantized(arch,
         offsets (dict | None): Distribution offsets (METHOD.md 4.3), attached by ``ODMModel`` at calibration:
             ``{select: topk | threshold, fraction: 0.25, threshold: ~, kind: auto | shift | scale}``.
             None or false: no offsets. Default: None.
+        act_grid (str): ``'free'`` (``2**a_bits`` levels spanning the learned range) or ``'aligned'`` (the same step
+            with 0 on the grid: an integer zero point, exactly what the exported integer network computes).
+            Default: 'free'.
+        weight_grid (str): ``'midrise'`` (``2**w_bits`` levels, no zero level) or ``'midtread'`` (``2**w_bits - 1``
+            symmetric levels with a zero level). Default: 'midrise'.
+        output_quant (str | list[str] | None): Quantize the output of these quantized layers too (8-bit by default,
+            zero-aligned grid containing 0), so that they run as integer convolutions when deployed: ``'auto'``
+            (every quantized layer whose output reaches a float operation, found by one forward pass:
+            ``quant.float_outputs``), or glob / ``re:`` patterns among the quantized layers. Default: None.
+        output_bits (int): Bits of the output quantizers, 2..8. Default: 8.
     """
     if unknown:
         accepted = [n for n in inspect.signature(Quantized).parameters if n != 'unknown']
         hint = ''.join(_suggest(k, accepted) for k in unknown)
         raise ValueError(f'Quantized: unknown option(s) {sorted(unknown)}.{hint} Accepted: {", ".join(accepted)}')
     w_bits, a_bits = check_bits(w_bits, 'w_bits'), check_bits(a_bits, 'a_bits')
-    act_options = dict(init=act_init, init_percentile=act_percentile, learnable=bool(act_learnable))
+    act_options = dict(init=act_init, init_percentile=act_percentile, learnable=bool(act_learnable), grid=act_grid)
     weight_options = dict(granularity=weight_granularity, range_method=weight_range, percentile=weight_percentile,
-                          clip_correction=clip_correction)
+                          clip_correction=clip_correction, grid=weight_grid)
     ActQuantizer(4, **act_options), WeightQuantizer(4, **weight_options)  # validate options before building
+    output_bits = check_bits(output_bits, 'output_bits')
+    if output_bits == FP_BITS:
+        raise ValueError('Quantized: output_bits must be 2..8 (leave output_quant empty for float outputs)')
+    if output_quant not in (None, False, 'auto') and not isinstance(output_quant, (list, tuple)):
+        raise ValueError(f'Quantized: output_quant must be "auto", a list of patterns or null, got {output_quant!r}')
     offsets = _check_offsets(offsets)
     if layers not in ('default', 'all') and not isinstance(layers, (list, tuple)):
         raise ValueError(f'Quantized: layers must be "default", "all" or a list of patterns, got {layers!r}')
@@ -142,11 +164,41 @@ def Quantized(arch,
         raise ValueError(f'Quantized: the layer selection for {arch["type"]} is empty (layers={layers!r}, '
                          f'exclude={exclude!r})')
     swap_layers(net, names, w_bits, a_bits, act_options, weight_options)
+    out_names = _output_layers(net, arch, names, output_quant) if output_quant else []
+    modules = dict(net.named_modules())
+    for name in out_names:
+        modules[name].attach_output_quantizer(output_bits, learnable=bool(act_learnable))
     net.__class__ = _quantized_class(type(net))
     net.quant_config = dict(arch=dict(arch), w_bits=w_bits, a_bits=a_bits, layers=names,
                             fp=w_bits == FP_BITS and a_bits == FP_BITS, act_options=act_options,
-                            weight_options=weight_options, offsets=offsets)
+                            weight_options=weight_options, offsets=offsets, output_layers=out_names,
+                            output_bits=output_bits)
     return net
+
+
+def example_input(net, arch, size=32):
+    """A small random input for one forward pass of ``net``: ``(1, C, size, size)``, ``C`` from the arch options
+    (``num_in_ch`` / ``in_chans``) or the first convolution, ``size`` rounded up to the arch's ``window_size``."""
+    channels = arch.get('num_in_ch', arch.get('in_chans'))
+    if channels is None:
+        first = next((m for m in net.modules() if isinstance(m, nn.Conv2d)), None)
+        channels = first.in_channels if first is not None else 3
+    window = arch.get('window_size') or 1
+    size = -(-size // window) * window
+    device = next(net.parameters()).device
+    return torch.rand(1, channels, size, size, generator=torch.Generator().manual_seed(0)).to(device)
+
+
+def _output_layers(net, arch, names, output_quant):
+    if output_quant == 'auto':
+        return float_output_layers(net, example_input(net, arch))
+    quantized = [n for n, _ in quantized_layers(net)]
+    selected = set(select_layers(net, list(output_quant), model_name=arch['type']))
+    outside = sorted(selected - set(quantized))
+    if outside:
+        raise ValueError(f'Quantized: output_quant patterns select layers that are not quantized: {outside}. '
+                         f'Quantized layers: {", ".join(quantized)}')
+    return [n for n in quantized if n in selected]
 
 
 OFFSET_KEYS = ('select', 'fraction', 'threshold', 'kind')

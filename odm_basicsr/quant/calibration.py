@@ -7,7 +7,8 @@ Two modes:
   activations (a network that never exists in training) lets the weight error compound from layer to layer with
   nothing to clip it: on a trained RLFN at W2 the ranges grew to 1e4 and then NaN.
 - ``sequential``: layer after layer in forward order, each range from the input that the already-quantized
-  (weights and activations) earlier layers give it. One partial forward pass per layer and batch.
+  (weights and activations) earlier layers give it. One partial forward pass per layer and batch. Output
+  quantizers (``out_quant``) are set last, in one forward pass of the network with every input quantized.
 
 After either mode :func:`check_ranges` refuses a non-finite or empty range with a message naming the layer.
 """
@@ -99,7 +100,7 @@ def _layers_in_call_order(model, first_batch):
     for _, m in owners.values():
         handles.append(m.register_forward_pre_hook(hook))
     try:
-        with torch.no_grad(), weights_unquantized(model), _passthrough(model):
+        with torch.no_grad(), weights_unquantized(model), passthrough(model):
             model(first_batch)
     finally:
         for h in handles:
@@ -108,8 +109,8 @@ def _layers_in_call_order(model, first_batch):
 
 
 @contextmanager
-def _passthrough(model):
-    """Activation quantizers pass their input through without recording (they record, then forget)."""
+def passthrough(model):
+    """Inside the block every activation quantizer passes its input through; ranges stay as they are."""
     quantizers = act_quantizers(model)
     for q in quantizers:
         q.start_calibration()
@@ -141,21 +142,35 @@ def calibrate(model, batches, mode='fp'):
                 model(x)
         check_ranges(model, mode)
         return
-    for _, layer in _layers_in_call_order(model, batches[0]):
-        # The earlier layers are calibrated and quantize (weights and activations); this layer records the input
-        # they give it and the forward pass stops there, so the later, uncalibrated layers never run.
-        handle = layer.register_forward_pre_hook(_record_and_stop)
-        layer.act_quant.start_calibration()
-        try:
+    outputs = [m.out_quant for _, m in model.named_modules() if isinstance(getattr(m, 'out_quant', None), ActQuantizer)]
+    order = _layers_in_call_order(model, batches[0])
+    for q in outputs:  # pass through while the inputs are calibrated
+        q.start_calibration()
+    try:
+        for _, layer in order:
+            # The earlier layers are calibrated and quantize (weights and activations); this layer records the
+            # input they give it and the forward pass stops there, so the later, uncalibrated layers never run.
+            handle = layer.register_forward_pre_hook(_record_and_stop)
+            layer.act_quant.start_calibration()
+            try:
+                with torch.no_grad():
+                    for x in batches:
+                        try:
+                            model(x)
+                        except _StopForward:
+                            pass
+            finally:
+                handle.remove()
+                layer.act_quant.finish_calibration()
+        for q in outputs:  # forget what they saw so far: their ranges come from the quantized network
+            q.start_calibration()
+        if outputs:
             with torch.no_grad():
                 for x in batches:
-                    try:
-                        model(x)
-                    except _StopForward:
-                        pass
-        finally:
-            handle.remove()
-            layer.act_quant.finish_calibration()
+                    model(x)
+    finally:
+        for q in outputs:
+            q.finish_calibration()
     check_ranges(model, mode)
 
 
@@ -166,6 +181,8 @@ def check_ranges(model, mode='fp'):
     """
     owners = {id(m.act_quant): name for name, m in model.named_modules()
               if isinstance(getattr(m, 'act_quant', None), ActQuantizer)}
+    owners.update({id(m.out_quant): f'{name} (output)' for name, m in model.named_modules()
+                   if isinstance(getattr(m, 'out_quant', None), ActQuantizer)})
     for q in act_quantizers(model):
         if not bool(q.initialized):
             continue

@@ -73,7 +73,7 @@ def quantizer_state_keys(model):
     """State-dict keys of ``model`` that belong to quantizers or offsets, not to the FP network."""
     keys = []
     for name, m in quantized_layers(model):
-        for sub in ('act_quant', 'weight_quant', 'offset'):
+        for sub in ('act_quant', 'weight_quant', 'offset', 'out_quant'):
             part = getattr(m, sub, None)
             if part is not None:
                 prefix = f'{name}.{sub}.' if name else f'{sub}.'

@@ -2,7 +2,8 @@
 
 They subclass ``nn.Conv2d`` / ``nn.Linear`` and keep their ``weight`` and ``bias`` state-dict keys, so an FP
 checkpoint of the original network loads into the quantized one unchanged. The quantizer state lives in the
-sub-modules ``act_quant`` and ``weight_quant`` (and ``offset`` when distribution offsets are used).
+sub-modules ``act_quant`` and ``weight_quant`` (and ``offset`` when distribution offsets are used, ``out_quant``
+when the layer's output is quantized too).
 """
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,23 @@ class QuantizedLayerMixin:
         self.act_quant = None if self.a_bits == FP_BITS else ActQuantizer(self.a_bits, **(act_options or {}))
         self.weight_quant = None if self.w_bits == FP_BITS else WeightQuantizer(self.w_bits, **(weight_options or {}))
         self.offset = None
+        self.out_quant = None
+
+    def attach_output_quantizer(self, bits=8, learnable=True):
+        """Quantize this layer's output too, on a zero-aligned grid that contains 0 (``bits`` levels, range
+        statistic per :func:`~odm_basicsr.quant.quantizers.default_act_init`, min-max at 8 bits).
+
+        An integer kernel (onnxruntime's ``QLinearConv``) needs its output requantized; a layer whose output feeds
+        a float operation (a residual addition, a LeakyReLU) runs as an integer conv only with this quantizer,
+        and training with it trains the network the way it will run. Returns the quantizer.
+        """
+        ref = self.weight
+        self.out_quant = ActQuantizer(bits, learnable=learnable, grid='aligned', include_zero=True).to(ref.device)
+        return self.out_quant
+
+    def quantize_output(self, y):
+        """``y`` through the output quantizer (in float32 under autocast), or ``y`` itself without one."""
+        return y if self.out_quant is None else self.out_quant(float32_under_autocast(y))
 
     def quantize_input(self, x):
         """The activation the FP operation sees.
@@ -64,6 +82,10 @@ class QuantizedLayerMixin:
         """``Q_w(W)``, or ``Q_w(W * rho)`` (input channel ``c`` times ``rho_c``) with an unfolded scale offset."""
         w = self.weight if self.offset is None else self.offset.scale_weight(self.weight)
         return w if self.weight_quant is None else self.weight_quant(w)
+
+    def extra_repr(self):
+        out = '' if self.out_quant is None else f', out_bits={self.out_quant.bits}'
+        return super().extra_repr() + f', w_bits={self.w_bits}, a_bits={self.a_bits}{out}'
 
     @classmethod
     def from_float(cls, module, w_bits, a_bits, act_options=None, weight_options=None):
@@ -97,10 +119,7 @@ class QConv2d(QuantizedLayerMixin, nn.Conv2d):
         return q._finish_from_float(module, w_bits, a_bits, act_options, weight_options)
 
     def forward(self, x):
-        return self._conv_forward(self.quantize_input(x), self.quantized_weight(), self.bias)
-
-    def extra_repr(self):
-        return super().extra_repr() + f', w_bits={self.w_bits}, a_bits={self.a_bits}'
+        return self.quantize_output(self._conv_forward(self.quantize_input(x), self.quantized_weight(), self.bias))
 
 
 class QLinear(QuantizedLayerMixin, nn.Linear):
@@ -121,10 +140,7 @@ class QLinear(QuantizedLayerMixin, nn.Linear):
         return q._finish_from_float(module, w_bits, a_bits, act_options, weight_options)
 
     def forward(self, x):
-        return F.linear(self.quantize_input(x), self.quantized_weight(), self.bias)
-
-    def extra_repr(self):
-        return super().extra_repr() + f', w_bits={self.w_bits}, a_bits={self.a_bits}'
+        return self.quantize_output(F.linear(self.quantize_input(x), self.quantized_weight(), self.bias))
 
 
 QUANTIZABLE_TYPES = {nn.Conv2d: QConv2d, nn.Linear: QLinear}

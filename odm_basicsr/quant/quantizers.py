@@ -5,7 +5,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .fake_quant import FP_BITS, check_bits, fake_quantize
+from .fake_quant import FP_BITS, aligned_grid, check_bits, fake_quantize, fake_quantize_aligned, round_ste
 
 ACT_INIT_METHODS = ('auto', 'percentile', 'minmax', 'mse')
 WEIGHT_RANGE_METHODS = ('auto', 'maxabs', 'percentile', 'mse')
@@ -32,6 +32,12 @@ MSE_FRACTIONS = 48
 #: Activation elements the MSE search looks at per batch (a strided subsample of larger inputs).
 MSE_MAX_ELEMENTS = 1 << 15
 WEIGHT_GRANULARITIES = ('layer', 'channel')
+#: Activation grids: ``free`` (``2**b`` levels spanning exactly ``[lower, upper]``) or ``aligned`` (the same step, moved
+#: by less than half a step so that 0 is on the grid: an integer zero point, as integer kernels need).
+ACT_GRIDS = ('free', 'aligned')
+#: Weight grids on ``[-u, u]``: ``midrise`` (``2**b`` levels, no zero level: +-u/3 and +-u at 2 bits) or ``midtread``
+#: (``2**b - 1`` levels with a zero level: -u, 0, u at 2 bits).
+WEIGHT_GRIDS = ('midrise', 'midtread')
 
 
 def _check_choice(value, choices, name):
@@ -87,8 +93,17 @@ def _fraction_grid(fractions, device, centre=None):
     return (centre.unsqueeze(0) + fine.view(-1, *([1] * centre.dim()))).clamp(1e-4, 1.0)
 
 
+def _symmetric_error(a, u, bits, grid):
+    """:func:`_quant_error` of the symmetric range ``[-u, u]`` on the ``midrise`` or ``midtread`` grid."""
+    if grid == 'midtread':
+        m = 2**(bits - 1) - 1
+        step = u / m
+        return (torch.clamp(torch.round(a / step), -m, m) * step - a).square().sum(-1)
+    return _quant_error(a, -u, u, bits)
+
+
 @torch.no_grad()
-def mse_symmetric_range(a, bits, fractions=MSE_FRACTIONS):
+def mse_symmetric_range(a, bits, fractions=MSE_FRACTIONS, grid='midrise'):
     """The ``u`` of the symmetric range ``[-u, u]`` minimising the quantization MSE of ``a``, per row.
 
     Searches ``u = f * max|a|`` over ``fractions`` values of ``f`` evenly spaced in (0, 1], then over
@@ -97,6 +112,7 @@ def mse_symmetric_range(a, bits, fractions=MSE_FRACTIONS):
     Args:
         a (Tensor): Shape (C, N): C independent rows (one per layer or per output channel).
         bits (int): Bit width.
+        grid (str): ``'midrise'`` or ``'midtread'`` (see :class:`WeightQuantizer`). Default: 'midrise'.
 
     Returns:
         Tensor: Shape (C,), float32.
@@ -109,7 +125,7 @@ def mse_symmetric_range(a, bits, fractions=MSE_FRACTIONS):
         if best is None:
             f = f.view(-1, 1).expand(-1, a.shape[0])  # (K, C)
         u = (f * top).unsqueeze(-1)  # (K, C, 1)
-        err = _quant_error(a.unsqueeze(0), -u, u, bits)  # (K, C)
+        err = _symmetric_error(a.unsqueeze(0), u, bits, grid)  # (K, C)
         best = f.gather(0, err.argmin(0, keepdim=True)).squeeze(0)  # (C,)
     return best * top
 
@@ -177,13 +193,20 @@ class ActQuantizer(nn.Module):
             :func:`default_act_init` of ``bits``. Default: 'auto'.
         init_percentile (float): ``p`` for ``init='percentile'``. Default: 99.
         learnable (bool): Whether the bounds receive gradients. Default: True.
+        grid (str): ``'free'`` (``2**bits`` levels from ``lower`` to ``upper``) or ``'aligned'`` (the grid of
+            :func:`~odm_basicsr.quant.fake_quant.aligned_grid`: same step, 0 on the grid, integer zero point; what
+            the deployed network computes). Default: 'free'.
+        include_zero (bool): With ``grid='aligned'``, widen the range to contain 0 (output quantizers stored as
+            uint8). Default: False.
     """
 
-    def __init__(self, bits=4, init='auto', init_percentile=99.0, learnable=True):
+    def __init__(self, bits=4, init='auto', init_percentile=99.0, learnable=True, grid='free', include_zero=False):
         super().__init__()
         self.bits = check_bits(bits, 'a_bits')
         if self.bits == FP_BITS:
             raise ValueError('ActQuantizer needs 2..8 bits; leave the layer unquantized for 32')
+        self.grid = _check_choice(grid, ACT_GRIDS, 'act_grid')
+        self.include_zero = bool(include_zero)
         self.init = _check_choice(init, ACT_INIT_METHODS, 'act_init')
         if self.init == 'auto':
             self.init = default_act_init(self.bits)
@@ -204,7 +227,22 @@ class ActQuantizer(nn.Module):
         return self.upper_raw * self.range_scale
 
     def extra_repr(self):
-        return f'bits={self.bits}, init={self.init}, lower={self.lower.item():.4g}, upper={self.upper.item():.4g}'
+        return (f'bits={self.bits}, init={self.init}, grid={self.grid}, lower={self.lower.item():.4g}, '
+                f'upper={self.upper.item():.4g}')
+
+    def bounds(self):
+        """``(lower, upper)`` as the forward pass uses them (``upper`` kept above ``lower``), 0-d tensors."""
+        lower = self.lower
+        return lower, torch.maximum(self.upper, lower + 1e-6 * self.range_scale)
+
+    @torch.no_grad()
+    def integer_grid(self):
+        """The zero-aligned grid of this range: ``(step, low)`` with ``step`` a float32 0-d tensor and ``low`` an
+        int; the codes are ``low .. low + 2**bits - 1``. On a ``free`` grid this is the nearest aligned grid (the
+        range moved by less than half a step: what deploying a network trained on the free grid costs)."""
+        lower, upper = self.bounds()
+        step, low = aligned_grid(lower.float(), upper.float(), self.bits, self.include_zero)
+        return step.detach().clone(), int(low)
 
     @torch.no_grad()
     def batch_range(self, x):
@@ -250,8 +288,9 @@ class ActQuantizer(nn.Module):
         if not self.initialized:
             stats = _all_reduce_mean(self.batch_range(x).to(self.range_scale.device))
             self.set_range(stats[0], stats[1])
-        lower = self.lower
-        upper = torch.maximum(self.upper, lower + 1e-6 * self.range_scale)
+        lower, upper = self.bounds()
+        if self.grid == 'aligned':
+            return fake_quantize_aligned(x, lower, upper, self.bits, self.include_zero)
         return fake_quantize(x, lower, upper, self.bits)
 
 
@@ -271,13 +310,18 @@ class WeightQuantizer(nn.Module):
             :func:`default_weight_range` of ``bits`` (the 2024 percentile with clip correction). Default: None.
         percentile (float): Percentile of |W| for ``'percentile'``. Default: 99.
         clip_correction (bool): Learnable per-layer factor on the range. Default: False.
+        grid (str): ``'midrise'`` (``2**bits`` levels on ``[-u, u]``, no zero level; integer codes are the odd
+            numbers ``-(2**bits - 1) .. 2**bits - 1`` times ``u / (2**bits - 1)``) or ``'midtread'`` (``2**bits - 1``
+            levels with zero: codes ``-m .. m`` times ``u / m``, ``m = 2**(bits - 1) - 1``). Default: 'midrise'.
     """
 
-    def __init__(self, bits=4, granularity='layer', range_method=None, percentile=99.0, clip_correction=False):
+    def __init__(self, bits=4, granularity='layer', range_method=None, percentile=99.0, clip_correction=False,
+                 grid='midrise'):
         super().__init__()
         self.bits = check_bits(bits, 'w_bits')
         if self.bits == FP_BITS:
             raise ValueError('WeightQuantizer needs 2..8 bits; leave the layer unquantized for 32')
+        self.grid = _check_choice(grid, WEIGHT_GRIDS, 'weight_grid')
         self.granularity = _check_choice(granularity, WEIGHT_GRANULARITIES, 'weight_granularity')
         self.clip_correction = bool(clip_correction)
         self.range_method = _check_choice('auto' if range_method is None else range_method, WEIGHT_RANGE_METHODS,
@@ -290,8 +334,17 @@ class WeightQuantizer(nn.Module):
             self.gamma = nn.Parameter(torch.tensor(1.0))
 
     def extra_repr(self):
-        s = f'bits={self.bits}, granularity={self.granularity}, range={self.range_method}'
+        s = f'bits={self.bits}, granularity={self.granularity}, range={self.range_method}, grid={self.grid}'
         return s + (', clip_correction=True' if self.clip_correction else '')
+
+    @property
+    def max_code(self):
+        """int: The largest integer code: ``2**bits - 1`` (midrise, odd codes) or ``2**(bits - 1) - 1`` (midtread)."""
+        return 2**self.bits - 1 if self.grid == 'midrise' else 2**(self.bits - 1) - 1
+
+    def _range(self, w):
+        u = self.weight_range(w)
+        return u * self.gamma.abs().to(w.dtype) if self.clip_correction else u
 
     @torch.no_grad()
     def weight_range(self, w):
@@ -301,16 +354,35 @@ class WeightQuantizer(nn.Module):
         if self.range_method == 'percentile':
             u = percentile(rows, self.percentile, dim=1)
         elif self.range_method == 'mse':
-            u = mse_symmetric_range(rows, self.bits)
+            u = mse_symmetric_range(rows, self.bits, grid=self.grid)
         else:
             u = rows.amax(dim=1).float()
         u = u.reshape(()) if self.granularity == 'layer' else u.reshape(-1, *([1] * (w.dim() - 1)))
         return u.clamp_min(1e-8).to(w.dtype)
 
     def forward(self, w):
-        if not self.enabled:
-            return w
-        u = self.weight_range(w)
-        if self.clip_correction:
-            u = u * self.gamma.abs().to(w.dtype)
+        return self._quantize(w) if self.enabled else w
+
+    def _quantize(self, w):
+        u = self._range(w)
+        if self.grid == 'midtread':
+            m = self.max_code
+            return torch.clamp(round_ste(w / (u / m)), -m, m) * (u / m)
         return fake_quantize(w, -u, u, self.bits)
+
+    @torch.no_grad()
+    def integer_codes(self, w):
+        """The quantized weight as integer codes times a per-output-channel unit: ``Q(w) = codes * unit``.
+
+        Args:
+            w (Tensor): The weight, (out_channels, ...).
+
+        Returns:
+            tuple[Tensor, Tensor]: ``codes`` (same shape as ``w``, int32, ``|codes| <= max_code``; odd on the
+            midrise grid) and ``unit`` ((out_channels,), float32).
+        """
+        u = self._range(w).float()
+        unit = (u / self.max_code).reshape(-1).expand(w.shape[0]).contiguous()
+        q = self._quantize(w).float()
+        codes = torch.round(q / unit.view(-1, *([1] * (w.dim() - 1))))
+        return codes.clamp(-self.max_code, self.max_code).to(torch.int32), unit
