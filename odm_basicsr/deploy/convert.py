@@ -57,8 +57,9 @@ def _check_quantized(net):
                           'needs a network built with type: Quantized and trained or calibrated')
     for name, layer in layers:
         if layer.act_quant is None or layer.weight_quant is None:
-            raise DeployError(f'layer {name!r} has full-precision {"activations" if layer.act_quant is None else "weights"} '
-                              f'(w_bits={layer.w_bits}, a_bits={layer.a_bits}): an integer layer needs both quantized')
+            what = 'activations' if layer.act_quant is None else 'weights'
+            raise DeployError(f'layer {name!r} has full-precision {what} (w_bits={layer.w_bits}, '
+                              f'a_bits={layer.a_bits}): an integer layer needs both quantized')
         quantizers = [(layer.act_quant, 'input')] + ([(layer.out_quant, 'output')] if layer.out_quant else [])
         for q, what in quantizers:
             if not bool(q.initialized):
