@@ -5,6 +5,8 @@ basicsr 1.4.2 ships only as an sdist whose build asks for torch. Install torch f
 """
 from setuptools import find_packages, setup
 
+DEPLOY = ['onnx>=1.16', 'onnxruntime>=1.18', 'onnxscript>=0.2', 'ml_dtypes']
+
 setup(
     name='odm-basicsr',
     version='0.1.0',
@@ -24,12 +26,16 @@ setup(
         'lmdb',
         'matplotlib',  # odm-inspect's figure
         'pyyaml',
+        'safetensors>=0.4',  # the compact deployed-model file
         'scikit-image',  # embedded demo photos (skimage.data)
         'scipy<2',  # basicsr 1.4.2 imports scipy.ndimage.filters, removed in SciPy 2
         'tqdm',
     ],
     extras_require={
-        'test': ['pytest>=7', 'pytest-timeout', 'ruff'],
+        # odm-export's ONNX model and its onnxruntime checks (ml_dtypes: int4 initializers; onnxscript: PyTorch's
+        # default ONNX exporter, without it the legacy TorchScript exporter is used)
+        'deploy': DEPLOY,
+        'test': ['pytest>=7', 'pytest-timeout', 'ruff'] + DEPLOY,
     },
     entry_points={
         'console_scripts': [
@@ -39,6 +45,7 @@ setup(
             'odm-demo=odm_basicsr.demo:main',
             'odm-eval=odm_basicsr.evaluate:main',
             'odm-inspect=odm_basicsr.inspect_layers:main',
+            'odm-export=odm_basicsr.export:main',
         ],
     },
 )

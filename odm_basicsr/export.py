@@ -1,0 +1,336 @@
+"""odm-export: a trained quantized checkpoint as a compact file and an integer ONNX model, with a report.
+
+    odm-export -opt NET.yml --checkpoint C.pth --out DIR [--data BENCH --sets Set5] [--calib LR_DIR]
+               [--fp16] [--format int8|int4] [--target onnxruntime|tensorrt] [--output-quant auto|trained|none]
+
+Writes to DIR:
+
+* ``model.safetensors``: the compact file (b-bit weight codes packed into bytes, full-precision layers in float32 or,
+  with ``--fp16``, float16); ``odm_basicsr.deploy.load(path)`` rebuilds the network without BasicSR's trainer;
+* ``model.onnx``: opset 21, the quantized convolutions in QCDQ form with int8 containers (``--format int4``: int4
+  weight initializers, smaller, float convolutions in onnxruntime today), input ``lq`` and output ``sr`` exactly as
+  the PyTorch network takes and gives them (N, C, H, W float32 in [0, 1]), dynamic batch and size;
+  ``model_float.onnx``: the same network with float convolutions on the same (dequantized) weights, the FP32
+  reference of the latency figures; ``--target tensorrt`` adds ``model_tensorrt.onnx`` (int8, zero point 0;
+  exported, not tested on TensorRT here);
+* ``export.json`` and ``export.md``: sizes against the FP32 checkpoint, the convolutions onnxruntime runs as integer
+  ones, parity (compact reload, deploy form against the trained network, onnxruntime against the deploy form, on
+  ``--data``), latency on one input size.
+
+Exit status: 0 done, 2 bad input (the message says which), 3 a non-finite checkpoint.
+"""
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+from odm_basicsr.evaluate import EvalError
+
+OUTPUT_QUANT_HELP = ('auto: an 8-bit output quantizer (calibrated on --calib images) on every quantized conv whose '
+                     'output would stay float, so that it runs as an integer conv; trained: only those the network '
+                     'was trained with; none: no output quantizers')
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog='odm-export', description=__doc__.split('\n\n')[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('-opt', '--opt', required=True, help='BasicSR option file (network_g of type Quantized, scale)')
+    p.add_argument('--checkpoint', required=True, help='trained or calibrated quantized checkpoint (.pth)')
+    p.add_argument('--out', required=True, help='output folder')
+    p.add_argument('--param-key', default='params_ema', help='checkpoint entry (falls back to params)')
+    p.add_argument('--scale', type=int, default=None, help='upscaling factor (default: the option file\'s)')
+    p.add_argument('--fp16', action='store_true', help='store the full-precision layers in float16')
+    p.add_argument('--format', default='int8', choices=('int8', 'int4'), dest='weight_format',
+                   help='ONNX weight initializers: int8 (fast in onnxruntime) or int4 (smaller)')
+    p.add_argument('--target', default='onnxruntime', choices=('onnxruntime', 'tensorrt'),
+                   help='tensorrt also writes model_tensorrt.onnx (int8 activations with zero point 0)')
+    p.add_argument('--output-quant', default='auto', choices=('auto', 'trained', 'none'), help=OUTPUT_QUANT_HELP)
+    p.add_argument('--calib', default=None,
+                   help='folder of LR images to calibrate the output quantizers that --output-quant auto adds '
+                        '(default: the option file\'s training LQ folder)')
+    p.add_argument('--calib-images', type=int, default=8, help='calibration images used (default: 8)')
+    p.add_argument('--data', default=None, help='benchmark root (<Set>/HR, <Set>/LRbicx<scale>) for parity')
+    p.add_argument('--sets', nargs='+', default=['Set5'], help='benchmark sets for parity (default: Set5)')
+    p.add_argument('--exporter', default='auto', choices=('auto', 'dynamo', 'torchscript'),
+                   help='PyTorch ONNX exporter of the float graph (auto: dynamo if onnxscript is installed)')
+    p.add_argument('--allow-float', action='store_true',
+                   help='keep quantized layers the ONNX writer has no integer form for (linear) in float arithmetic')
+    p.add_argument('--no-onnx', action='store_true', help='write the compact file only')
+    p.add_argument('--latency-size', type=int, default=64, help='LR side of the latency check (0: skip)')
+    return p
+
+
+def _fail_deploy(e):
+    raise EvalError(str(e)) from e
+
+
+def _lr_tensor(path):
+    import torch
+
+    from odm_basicsr.evaluate import read_image
+
+    img = read_image(path)[:, :, ::-1].astype('float32') / 255.0  # BGR -> RGB, [0, 1]
+    return torch.from_numpy(img.copy()).permute(2, 0, 1).unsqueeze(0)
+
+
+def calibration_images(args, opt_path):
+    """LR tensors for the output quantizers: ``--calib`` or the option file's ``datasets.train.dataroot_lq``."""
+    import yaml
+
+    folder = args.calib
+    if folder is None:
+        with open(opt_path, encoding='utf-8') as f:
+            opt = yaml.safe_load(f) or {}
+        folder = (((opt.get('datasets') or {}).get('train') or {}).get('dataroot_lq'))
+        if not folder or not os.path.isdir(folder):
+            raise EvalError('--output-quant auto adds output quantizers, which need calibration images: give '
+                            '--calib <folder of LR images> (the option file names no training LQ folder here), '
+                            'or --output-quant trained')
+    if not os.path.isdir(folder):
+        raise EvalError(f'calibration folder not found: {folder}')
+    from odm_basicsr.evaluate import IMAGE_EXTS
+
+    files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTS))[:args.calib_images]
+    if not files:
+        raise EvalError(f'no images in the calibration folder {folder}')
+    return [_lr_tensor(os.path.join(folder, f)) for f in files]
+
+
+def fp32_checkpoint_bytes(net):
+    """Size of the FP32 checkpoint of the same FP network as BasicSR writes it (``{'params': state}``), measured."""
+    import torch
+
+    from odm_basicsr.quant.layer_selection import quantizer_state_keys
+
+    skip = set(quantizer_state_keys(net))
+    state = {k: v.float() for k, v in net.state_dict().items() if k not in skip and v.is_floating_point()}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, 'fp32.pth')
+        torch.save({'params': state}, path)
+        return os.path.getsize(path)
+
+
+def _psnr(a, b, peak=255.0):
+    import numpy as np
+
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float('inf') if mse == 0 else 10 * np.log10(peak**2 / mse)
+
+
+def parity(trained, deployed, session, pairs, scale):
+    """Y-channel PSNR of the trained, deployed and onnxruntime networks, and output agreement, per image."""
+    import numpy as np
+    import torch
+    from basicsr.metrics import calculate_psnr
+    from basicsr.utils import tensor2img
+
+    from odm_basicsr.deploy.onnxruntime_check import run
+    from odm_basicsr.evaluate import read_image
+
+    rows = []
+    for name, lr_path, hr_path in pairs:
+        lq = _lr_tensor(lr_path)
+        hr = read_image(hr_path)[:lq.shape[-2] * scale, :lq.shape[-1] * scale]
+        with torch.no_grad():
+            out_trained, out_deploy = trained(lq), deployed(lq)
+        out_ort = torch.from_numpy(run(session, lq)) if session is not None else None
+        row = dict(image=name)
+        for key, out in (('trained', out_trained), ('deploy', out_deploy), ('onnxruntime', out_ort)):
+            if out is not None:
+                row[f'psnr_{key}'] = float(calculate_psnr(tensor2img([out]), hr, crop_border=scale,
+                                                          test_y_channel=True))
+        if out_ort is not None:
+            a, b = out_ort.clamp(0, 1).numpy() * 255, out_deploy.clamp(0, 1).numpy() * 255
+            row['ort_vs_deploy_psnr'] = _psnr(a, b)
+            a8, b8 = tensor2img([out_ort]).astype(np.int16), tensor2img([out_deploy]).astype(np.int16)
+            row['ort_vs_deploy_within_1'] = float(np.mean(np.abs(a8 - b8) <= 1))
+            row['ort_vs_deploy_max_grey'] = int(np.abs(a8 - b8).max())
+        rows.append(row)
+    return rows
+
+
+def _mean(rows, key):
+    values = [r[key] for r in rows if key in r]
+    return sum(values) / len(values) if values else None
+
+
+def run(args):
+    import torch
+
+    from odm_basicsr.archs.quantized_arch import example_input
+    from odm_basicsr.deploy import DeployError, load, round_float_layers, save, to_deploy
+    from odm_basicsr.evaluate import build_network, list_pairs, load_net_options, load_weights
+
+    if not os.path.isfile(args.checkpoint):
+        raise EvalError(f'checkpoint file not found: {args.checkpoint}')
+    net_opt, scale = load_net_options(args.opt, args.scale)
+    if net_opt.get('type') != 'Quantized':
+        raise EvalError(f'{args.opt}: network_g is {net_opt.get("type")!r}, not a Quantized network; export the '
+                        'quantized option file the checkpoint was trained with')
+    pairs = {s: list_pairs(args.data, s, scale) for s in args.sets} if args.data else {}
+    net = build_network(net_opt)
+    key = load_weights(net, args.checkpoint, args.param_key)
+    net.eval()
+    probe = example_input(net, net.quant_config['arch'], size=48)
+    mode, calib = args.output_quant, None
+    if mode == 'auto':
+        needed = _output_quantizers_needed(net, probe)
+        calib = calibration_images(args, args.opt) if needed else None
+        mode = 'auto' if needed else 'trained'
+    t0 = time.time()
+    try:
+        deployed, summary = to_deploy(net, output_quant=mode, batches=calib, example=probe)
+    except DeployError as e:
+        _fail_deploy(e)
+    os.makedirs(args.out, exist_ok=True)
+    compact = os.path.join(args.out, 'model.safetensors')
+    compact_bytes = save(deployed, compact, fp16=args.fp16)
+    reference = round_float_layers(_copy(deployed)) if args.fp16 else deployed
+    reloaded = load(compact)
+    with torch.no_grad():
+        reload_identical = bool(torch.equal(reloaded(probe), reference(probe)))
+    report = dict(option_file=args.opt, checkpoint=args.checkpoint, param_key=key, arch=net_opt['arch']['type'],
+                  scale=scale, w_bits=net_opt.get('w_bits', 4), a_bits=net_opt.get('a_bits', 4),
+                  quantized_layers=summary['integer_layers'], output_quant=args.output_quant,
+                  added_output_quantizers=summary['added_output_quantizers'],
+                  residual_scales_folded=summary['residual_scales_folded'],
+                  max_nudge_steps=max((abs(v) for v in summary['nudged'].values()), default=0.0),
+                  sizes=dict(fp32_checkpoint=fp32_checkpoint_bytes(net), compact=compact_bytes,
+                             compact_float_dtype='float16' if args.fp16 else 'float32'),
+                  compact_reload_bit_identical=reload_identical)
+    session = None
+    if not args.no_onnx:
+        session = _export_onnx(args, deployed, report, probe)
+    if pairs:
+        report['parity'] = {}
+        for set_name, set_pairs in pairs.items():
+            rows = parity(net, reference, session, set_pairs, scale)
+            report['parity'][set_name] = dict(
+                images=len(rows), psnr_trained=_mean(rows, 'psnr_trained'), psnr_deploy=_mean(rows, 'psnr_deploy'),
+                psnr_onnxruntime=_mean(rows, 'psnr_onnxruntime'),
+                ort_vs_deploy_psnr=min((r['ort_vs_deploy_psnr'] for r in rows if 'ort_vs_deploy_psnr' in r),
+                                       default=None),
+                ort_vs_deploy_within_1=_mean(rows, 'ort_vs_deploy_within_1'),
+                ort_vs_deploy_max_grey=max((r['ort_vs_deploy_max_grey'] for r in rows
+                                            if 'ort_vs_deploy_max_grey' in r), default=None),
+                per_image=rows)
+    report['seconds'] = round(time.time() - t0, 1)
+    with open(os.path.join(args.out, 'export.json'), 'w', encoding='utf-8') as f:
+        json.dump(report, f, indent=2)
+    md = format_report(report)
+    with open(os.path.join(args.out, 'export.md'), 'w', encoding='utf-8') as f:
+        f.write(md)
+    print(md, end='')
+    print(f'written: {args.out}/model.safetensors' + ('' if args.no_onnx else ', model.onnx, model_float.onnx')
+          + ', export.json, export.md')
+    if not reload_identical:
+        raise EvalError('the compact file does not reload to the deploy form bit for bit (a bug: please report it)')
+    return report
+
+
+def _copy(net):
+    import copy
+
+    return copy.deepcopy(net)
+
+
+def _output_quantizers_needed(net, example):
+    from odm_basicsr.quant import quantized_layers
+    from odm_basicsr.quant.float_outputs import float_output_layers
+
+    floating = float_output_layers(net, example)
+    layers = dict(quantized_layers(net))
+    return [n for n in floating if layers[n].out_quant is None]
+
+
+def _export_onnx(args, deployed, report, probe):
+    import torch
+
+    from odm_basicsr.deploy import DeployError
+    from odm_basicsr.deploy.onnx_export import export_onnx
+    from odm_basicsr.deploy.onnxruntime_check import conv_kinds, create_session, median_latency
+
+    path, float_path = os.path.join(args.out, 'model.onnx'), os.path.join(args.out, 'model_float.onnx')
+    example = torch.rand(1, probe.shape[1], 32, 32, generator=torch.Generator().manual_seed(0))
+    try:
+        graph = export_onnx(deployed, path, example, weight_format=args.weight_format, exporter=args.exporter,
+                            float_path=float_path, allow_float=args.allow_float)
+        if args.target == 'tensorrt':
+            trt = export_onnx(deployed, os.path.join(args.out, 'model_tensorrt.onnx'), example, target='tensorrt',
+                              exporter=args.exporter, allow_float=args.allow_float)
+            report['tensorrt'] = dict(file='model_tensorrt.onnx', tested='exported, untested (no TensorRT here)',
+                                      output_codes_cut={k: v['output_codes_cut'] for k, v in trt['layers'].items()
+                                                        if v.get('output_codes_cut')})
+    except DeployError as e:
+        _fail_deploy(e)
+    kinds = conv_kinds(path)
+    report['sizes'].update(onnx=os.path.getsize(path), onnx_float=os.path.getsize(float_path),
+                           onnx_weight_format=args.weight_format)
+    report['onnxruntime'] = dict(integer_convs=kinds['integer'], float_convs=kinds['float'],
+                                 quantized_convs=len(graph['layers']), relus_absorbed=graph['relus_absorbed'],
+                                 float_layers=graph['float_layers'], ops=kinds['ops'])
+    session = create_session(path)
+    if args.latency_size:
+        x = torch.rand(1, probe.shape[1], args.latency_size, args.latency_size)
+        fp = create_session(float_path)
+        t_int, t_fp = median_latency(session, x), median_latency(fp, x)
+        report['latency'] = dict(lr_size=args.latency_size, threads=1, integer_s=t_int, float_s=t_fp,
+                                 ratio=t_int / t_fp, note='one quick measurement; scripts/benchmark_onnx.py '
+                                 'interleaves sizes and repeats')
+    return session
+
+
+def _mb(n):
+    return f'{n / 1e6:.3f} MB'
+
+
+def format_report(r):
+    s = r['sizes']
+    lines = [f'# odm-export: {r["arch"]} x{r["scale"]} W{r["w_bits"]}A{r["a_bits"]} ({r["checkpoint"]})', '',
+             '| file | size | vs FP32 checkpoint |', '|---|---|---|',
+             f'| FP32 checkpoint (params only, as BasicSR saves it) | {_mb(s["fp32_checkpoint"])} | 1.00 |',
+             f'| model.safetensors ({s["compact_float_dtype"]} FP layers) | {_mb(s["compact"])} | '
+             f'{s["compact"] / s["fp32_checkpoint"]:.2f} |']
+    if 'onnx' in s:
+        lines += [f'| model.onnx ({s["onnx_weight_format"]} weights) | {_mb(s["onnx"])} | '
+                  f'{s["onnx"] / s["fp32_checkpoint"]:.2f} |',
+                  f'| model_float.onnx | {_mb(s["onnx_float"])} | {s["onnx_float"] / s["fp32_checkpoint"]:.2f} |']
+    lines += ['', f'- compact file reloads bit-identically: {r["compact_reload_bit_identical"]}',
+              f'- quantized convs: {len(r["quantized_layers"])}; output quantizers added at export: '
+              f'{len(r["added_output_quantizers"])}; residual scalings folded: {len(r["residual_scales_folded"])}; '
+              f'largest activation-grid nudge: {r["max_nudge_steps"]:.3f} step']
+    if 'onnxruntime' in r:
+        o = r['onnxruntime']
+        lines.append(f'- onnxruntime optimized graph: {o["integer_convs"]} integer convs (QLinearConv) of '
+                     f'{o["quantized_convs"]} quantized, {o["float_convs"]} float convs; ReLUs absorbed: '
+                     f'{o["relus_absorbed"]}')
+    if 'latency' in r:
+        t = r['latency']
+        lines.append(f'- latency at {t["lr_size"]} px LR, 1 thread: integer {t["integer_s"] * 1e3:.1f} ms, float '
+                     f'{t["float_s"] * 1e3:.1f} ms, ratio {t["ratio"]:.2f}')
+    if 'tensorrt' in r:
+        lines.append(f'- TensorRT form: {r["tensorrt"]["file"]} ({r["tensorrt"]["tested"]})')
+    for set_name, p in (r.get('parity') or {}).items():
+        lines += ['', f'Parity on {set_name} ({p["images"]} images; Y-PSNR, border = scale):', '',
+                  '| network | PSNR (dB) | vs trained |', '|---|---|---|',
+                  f'| trained (fake quantization) | {p["psnr_trained"]:.4f} | |',
+                  f'| deploy form (PyTorch) | {p["psnr_deploy"]:.4f} | {p["psnr_deploy"] - p["psnr_trained"]:+.4f} |']
+        if p['psnr_onnxruntime'] is not None:
+            lines += [f'| onnxruntime | {p["psnr_onnxruntime"]:.4f} | '
+                      f'{p["psnr_onnxruntime"] - p["psnr_trained"]:+.4f} |', '',
+                      f'onnxruntime vs deploy form: lowest per-image output PSNR {p["ort_vs_deploy_psnr"]:.1f} dB; '
+                      f'{100 * p["ort_vs_deploy_within_1"]:.3f} % of 8-bit pixels within 1 grey level (largest '
+                      f'difference {p["ort_vs_deploy_max_grey"]})']
+    return '\n'.join(lines) + '\n'
+
+
+def main(argv=None):
+    from odm_basicsr.evaluate import run_cli
+
+    return run_cli('odm-export', build_parser(), run, argv)
+
+
+if __name__ == '__main__':
+    sys.exit(main())
