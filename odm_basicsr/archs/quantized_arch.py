@@ -17,6 +17,7 @@ from odm_basicsr.quant import (
     swap_layers,
 )
 from odm_basicsr.quant.float_outputs import float_output_layers
+from odm_basicsr.quant.layer_selection import names_matching
 
 from .layer_presets import LAYER_PRESETS, all_but_first_last
 
@@ -193,12 +194,11 @@ def _output_layers(net, arch, names, output_quant):
     if output_quant == 'auto':
         return float_output_layers(net, example_input(net, arch))
     quantized = [n for n, _ in quantized_layers(net)]
-    selected = set(select_layers(net, list(output_quant), model_name=arch['type']))
-    outside = sorted(selected - set(quantized))
-    if outside:
-        raise ValueError(f'Quantized: output_quant patterns select layers that are not quantized: {outside}. '
-                         f'Quantized layers: {", ".join(quantized)}')
-    return [n for n in quantized if n in selected]
+    try:
+        return names_matching(quantized, list(output_quant), 'Quantized: output_quant')
+    except ValueError as e:
+        raise ValueError(f'{e} (output_quant selects among the quantized layers; a layer that is not quantized '
+                         'has no integer form)') from None
 
 
 OFFSET_KEYS = ('select', 'fraction', 'threshold', 'kind')

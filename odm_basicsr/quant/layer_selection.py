@@ -57,6 +57,16 @@ def select_layers(model, patterns, exclude=(), model_name=None):
             if any(_matches(p, n) for p in patterns) and not any(_matches(p, n) for p in exclude)]
 
 
+def names_matching(names, patterns, what='patterns'):
+    """The ``names`` (in their order) that match any of ``patterns`` (globs or ``re:`` regexes, see
+    :func:`select_layers`); a pattern that matches none of them is a ValueError listing the names."""
+    patterns = _check_patterns(patterns, what)
+    for p in patterns:
+        if not any(_matches(p, n) for n in names):
+            raise ValueError(f'{what}: pattern {p!r} matches none of {", ".join(names)}')
+    return [n for n in names if any(_matches(p, n) for p in patterns)]
+
+
 def swap_layers(model, names, w_bits, a_bits, act_options=None, weight_options=None):
     """Replace the named modules of ``model`` by their quantized twins, in place. Returns ``model``."""
     modules = dict(model.named_modules())
