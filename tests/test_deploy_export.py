@@ -16,8 +16,8 @@ from odm_basicsr.deploy.compact import read_metadata
 from odm_basicsr.deploy.onnx_export import export_onnx
 from odm_basicsr.deploy.onnxruntime_check import conv_kinds, create_session, run
 from odm_basicsr.quant import calibrate, quantized_layers
-from odm_basicsr.quant.offsets import attach_offsets, channel_statistics
 from odm_basicsr.quant.calibration import calibration
+from odm_basicsr.quant.offsets import attach_offsets, channel_statistics
 
 EDSR_BASELINE_X4 = dict(type='EDSR', num_in_ch=3, num_out_ch=3, num_feat=64, num_block=16, upscale=4)
 DEPLOYABLE = dict(act_grid='aligned', weight_grid='midtread', output_quant='auto')
