@@ -216,6 +216,15 @@ def run(args):
                 ort_vs_deploy_max_grey=max((r['ort_vs_deploy_max_grey'] for r in rows
                                             if 'ort_vs_deploy_max_grey' in r), default=None),
                 per_image=rows)
+    if session is not None and pairs:
+        from odm_basicsr.deploy.onnxruntime_check import code_agreement
+
+        set_name, set_pairs = next(iter(pairs.items()))
+        per_layer = code_agreement(reference, os.path.join(args.out, 'model.onnx'), _lr_tensor(set_pairs[0][1]))
+        first = next((name for name, v in per_layer.items() if v['differ'] > 0), None)
+        report['onnxruntime']['code_agreement'] = dict(
+            image=f'{set_name}/{set_pairs[0][0]}', first_differing_layer=first,
+            first_differing_share=per_layer[first]['differ'] if first else 0.0, per_layer=per_layer)
     report['seconds'] = round(time.time() - t0, 1)
     with open(os.path.join(args.out, 'export.json'), 'w', encoding='utf-8') as f:
         json.dump(report, f, indent=2)
@@ -323,6 +332,15 @@ def format_report(r):
                       f'onnxruntime vs deploy form: lowest per-image output PSNR {p["ort_vs_deploy_psnr"]:.1f} dB; '
                       f'{100 * p["ort_vs_deploy_within_1"]:.3f} % of 8-bit pixels within 1 grey level (largest '
                       f'difference {p["ort_vs_deploy_max_grey"]})']
+    agreement = (r.get('onnxruntime') or {}).get('code_agreement')
+    if agreement:
+        last = list(agreement['per_layer'].items())[-1]
+        where = ('every quantized layer sees the same input codes' if agreement['first_differing_layer'] is None
+                 else f'the first layer whose input codes differ is {agreement["first_differing_layer"]} '
+                      f'({100 * agreement["first_differing_share"]:.4f} % of its codes), the last '
+                      f'({last[0]}) {100 * last[1]["differ"]:.3f} %')
+        lines += ['', f'Integer codes, onnxruntime vs deploy form on {agreement["image"]}: {where}. (Codes that '
+                  'float rounding moves across a grid boundary in a float layer change more codes downstream.)']
     return '\n'.join(lines) + '\n'
 
 

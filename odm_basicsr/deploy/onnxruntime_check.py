@@ -63,3 +63,53 @@ def median_latency(session, x, repeats=5):
         run(session, x)
         times.append(time.perf_counter() - t)
     return float(np.median(times))
+
+
+def code_agreement(deployed, path, x):
+    """Per integer layer, the share of its input codes on which onnxruntime and the deploy form agree.
+
+    Low-bit networks amplify: one input code that float rounding moves across a grid boundary (in a float layer
+    before it, computed in another order by onnxruntime) changes many codes downstream. This finds the first layer
+    where the two differ and by how much, which tells a real export error (codes differ from the first layer on)
+    from rounding (exact agreement, then a few codes, then more).
+
+    Args:
+        deployed (nn.Module): The deploy form.
+        path (str): Its ONNX model (written by ``export_onnx``).
+        x (Tensor): One input.
+
+    Returns:
+        dict[str, dict]: Layer -> ``{'differ': fraction of codes that differ, 'max_steps': largest difference}``.
+    """
+    import onnx
+    import torch
+
+    from .integer_layers import IntegerConv2d, integer_layers
+
+    model = onnx.load(path)
+    layers = [(n, m) for n, m in integer_layers(deployed) if isinstance(m, IntegerConv2d)]
+    for name, _ in layers:
+        model.graph.output.append(onnx.helper.make_tensor_value_info(f'{name}.input_dq', onnx.TensorProto.FLOAT,
+                                                                     None))
+    with tempfile.TemporaryDirectory() as tmp:
+        probe = os.path.join(tmp, 'probe.onnx')
+        onnx.save(model, probe)
+        session = create_session(probe)
+        names = [o.name for o in session.get_outputs()]
+        x_np = x.detach().cpu().numpy().astype(np.float32)
+        outputs = dict(zip(names, session.run(None, {session.get_inputs()[0].name: x_np})))
+    seen, handles = {}, []
+    for name, layer in layers:
+        handles.append(layer.register_forward_pre_hook(
+            lambda m, args, name=name: seen.setdefault(name, m.quantized_input(args[0]).detach().numpy())))
+    try:
+        with torch.no_grad():
+            deployed(x)
+    finally:
+        for h in handles:
+            h.remove()
+    result = {}
+    for name, layer in layers:
+        diff = np.abs(outputs[f'{name}.input_dq'] - seen[name]) / layer.in_step.item()
+        result[name] = dict(differ=float(np.mean(diff > 0.5)), max_steps=int(np.round(diff.max())))
+    return result
