@@ -44,17 +44,10 @@ import time
 from contextlib import contextmanager
 
 import odm_basicsr.archs  # noqa: F401  (BasicSR fixes + registration first)
-from odm_basicsr.evaluate import (
-    IMAGE_EXTS,
-    EvalError,
-    build_network,
-    load_net_options,
-    load_weights,
-    read_image,
-    run_cli,
-    window_size,
-)
-from odm_basicsr.evaluate import _device as eval_device
+from odm_basicsr.archs.arch_util import pad_to_window
+from odm_basicsr.network_options import build_network, read_network_options, window_size
+from odm_basicsr.scoring import IMAGE_EXTS, image_files, load_weights, read_image, to_tensor
+from odm_basicsr.tool_cli import ToolError, pick_device, run_cli
 
 PROG = 'odm-inspect'
 PERCENTILES = (0.1, 1.0, 50.0, 99.0, 99.9)
@@ -62,7 +55,7 @@ MAX_SAMPLES = 200_000
 DEFAULT_BITS = 4
 
 
-class InspectError(EvalError):
+class InspectError(ToolError):
     """A user error: reported as one line, exit status 2."""
 
 
@@ -96,8 +89,7 @@ def list_images(data, scale):
         raise InspectError(f'data folder not found: {data}')
     sub = os.path.join(data, f'LRbicx{scale}')
     folder = sub if os.path.isdir(sub) else data
-    names = sorted(f for f in os.listdir(folder)
-                   if f.lower().endswith(IMAGE_EXTS) and os.path.isfile(os.path.join(folder, f)))
+    names = image_files(folder)
     if not names:
         extra = f' (nor a subfolder LRbicx{scale})' if folder == data else ''
         raise InspectError(f'no images ({", ".join(IMAGE_EXTS)}) found in {folder}{extra}')
@@ -106,23 +98,7 @@ def list_images(data, scale):
 
 def load_inputs(paths, device, window=None):
     """Each image as a (1, 3, H, W) RGB [0, 1] tensor on ``device`` (padded to the window as odm-eval does)."""
-    from basicsr.utils import img2tensor
-
-    from odm_basicsr.archs.arch_util import pad_to_window
-
-    out = []
-    for path in paths:
-        bgr = read_image(path)
-        x = img2tensor(bgr.astype('float32') / 255.0, bgr2rgb=True, float32=True).unsqueeze(0).to(device)
-        out.append(pad_to_window(x, window))
-    return out
-
-
-def _device(name):
-    try:
-        return eval_device(name)
-    except EvalError as e:
-        raise InspectError(str(e)) from e
+    return [pad_to_window(to_tensor(read_image(path)).to(device), window) for path in paths]
 
 
 # --------------------------------------------------------------------------------------------------------- network
@@ -132,7 +108,8 @@ def _is_quantized_opt(net_opt):
 
 def prepare_network(net_opt, args, inputs):
     """The quantized network to inspect, and a dict describing how it was obtained."""
-    from odm_basicsr.quant import CalibrationError, calibrate, quantized_layers, quantizer_state_keys
+    from odm_basicsr.checkpoint import CheckpointMismatchError, load_state
+    from odm_basicsr.quant import CalibrationError, calibrate, quantized_layers
 
     if _is_quantized_opt(net_opt):
         given = [flag for flag, v in (('--bits', args.bits), ('--layers', args.layers)) if v is not None]
@@ -143,7 +120,7 @@ def prepare_network(net_opt, args, inputs):
         net = build_network(net_opt)
         try:
             key = load_weights(net, args.checkpoint, args.param_key)
-        except EvalError as e:
+        except ToolError as e:
             if 'no quantizer state' not in str(e):
                 raise
             raise InspectError(f'{e} To inspect an FP checkpoint, give an option file with the plain FP arch '
@@ -157,18 +134,16 @@ def prepare_network(net_opt, args, inputs):
     fp = build_network(net_opt)
     try:
         key = load_weights(fp, args.checkpoint, args.param_key)
-    except EvalError as e:
+    except ToolError as e:
         hint = (' (a quantized checkpoint? inspect it with its Quantized option file)'
                 if any(k in str(e) for k in ('act_quant', 'weight_quant', 'offset.')) else '')
         raise InspectError(f'{e}{hint}') from e
     q_opt = {'type': 'Quantized', 'arch': dict(net_opt), 'w_bits': bits, 'a_bits': bits, 'layers': layers}
     net = build_network(q_opt)
-    result = net.load_state_dict(fp.state_dict(), strict=False)
-    expected = set(quantizer_state_keys(net))
-    if result.unexpected_keys or not set(result.missing_keys) <= expected:
-        raise InspectError(f'the FP weights of {net_opt["type"]} do not map onto its Quantized wrapper '
-                           f'(missing {sorted(set(result.missing_keys) - expected)[:5]}, unexpected '
-                           f'{result.unexpected_keys[:5]})')
+    try:
+        load_state(net, fp.state_dict(), source=f'the FP weights of {net_opt["type"]}')
+    except CheckpointMismatchError as e:
+        raise InspectError(f'{e} (its Quantized wrapper)') from e
     del fp
     net.to(inputs[0].device).eval()
     try:
@@ -584,11 +559,11 @@ def run(args):
         raise InspectError(f'--max-samples must be >= 1000, got {args.max_samples}')
     if args.bits is not None and args.bits not in (2, 3, 4, 5, 6, 7, 8):
         raise InspectError(f'--bits must be 2..8, got {args.bits}')
-    net_opt, scale = load_net_options(args.opt, args.scale)
+    net_opt, scale = read_network_options(args.opt, args.scale)
     folder, paths = list_images(args.data, scale)
     if args.images is not None:
         paths = paths[:args.images]
-    device = _device(args.device)
+    device = pick_device(args.device)
     inputs = load_inputs(paths, device, window_size(net_opt))
     net, how = prepare_network(net_opt, args, inputs)
     net.to(device).eval()
