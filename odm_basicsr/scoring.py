@@ -196,3 +196,13 @@ def load_weights(net, path, param_key='params_ema'):
         raise NonFiniteCheckpointError(str(e)) from e
     except checkpoint.CheckpointError as e:
         raise ToolError(str(e)) from e
+
+
+def load_network(net_opt, path, device, param_key='params_ema'):
+    """``network_g`` built (:mod:`odm_basicsr.network_options`) with the weights of ``path`` (:func:`load_weights`),
+    on ``device``, in eval mode."""
+    from odm_basicsr.network_options import build_network
+
+    net = build_network(net_opt)
+    load_weights(net, path, param_key)
+    return net.to(device).eval()
