@@ -1,9 +1,9 @@
 """``scripts/convert_edsr_pytorch.py``: EDSR-PyTorch / DAQ / DDTB layouts -> BasicSR / odm_basicsr archs.
 
-Source-layout state dicts come from the reference modules of ``odm_basicsr.convert`` (minimal copies of the original module
-structure; their key sets are pinned below against the original files), with random weights, BN statistics and
-PReLU slopes. A conversion must give the same outputs (to 1e-4 on the [0, 1] scale) and load into the quantized
-network with only the quantizer entries missing.
+Source-layout state dicts come from the reference modules of ``odm_basicsr.convert`` (minimal copies of the
+original module structure; their key sets are pinned below against the original files), with random weights, BN
+statistics and PReLU slopes. A conversion must give the same outputs (to 1e-4 on the [0, 1] scale) and load into
+the quantized network with only the quantizer entries missing.
 """
 from pathlib import Path
 from unittest import mock

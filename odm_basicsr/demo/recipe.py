@@ -82,7 +82,7 @@ def plan_stages(args, train_set):
                 opt['network_g']['layers'] = deepcopy(layers)
             opt['path']['pretrain_network_g'] = fp_ckpt  # relative to the work folder (the runs' cwd)
             if pretrained:
-                # the entry found in it; 'params' also loads a plain state dict (checkpoint.select_state_dict falls back)
+                # the entry found in it; 'params' also loads a plain state dict (select_state_dict falls back)
                 opt['path']['param_key_g'] = fp_key or 'params'
             opt['train']['calibration'] = {'batches': CALIB_BATCHES}
             if method == 'baseline':
