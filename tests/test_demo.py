@@ -3,6 +3,7 @@ import odm_basicsr.plugin  # noqa: F401, I001  (BasicSR fixes + registration fir
 # ``odm-demo`` end to end with tiny settings (real training subprocesses on CPU), its re-run and its flags.
 import json
 import math
+import re
 import time
 from copy import deepcopy
 
@@ -41,6 +42,7 @@ def test_demo_trains_every_stage_and_reports_them(tiny_run, capsys):
         assert r['skipped'] is False and r['train_wall_s'] > 0 and r['iters'] == (6 if r['method'] == 'fp' else 4)
         # evaluation in this process == BasicSR's own final validation in the run's log
         assert abs(r['psnr'] - r['log_psnr']) < 0.01 and abs(r['ssim'] - r['log_ssim']) < 1e-3, r
+        assert re.fullmatch(r'\d+:\d\d:\d\d', r['basicsr_time_consumed']), r  # from the run's record
     assert results['settings']['var_weight'] == recipe.DEFAULT_VAR_WEIGHT
     assert 'torch' in results['machine'] and results['command'].startswith('odm-demo --out')
 
