@@ -24,7 +24,7 @@ from odm_basicsr import scoring
 from odm_basicsr.demo.recipe import DEFAULT_VAR_WEIGHT, edsr_arch
 from odm_basicsr.study.argtypes import bit_width, positive_float, positive_int
 from odm_basicsr.study.data import hr_images, paired_dataset_opt, prepare_paired_data
-from odm_basicsr.study.machine import fmt_time, load_average, machine_info
+from odm_basicsr.study.results import fmt_time, load_average, machine_info, write_results
 from odm_basicsr.study.options import training_options
 from odm_basicsr.study.runner import Stage, load_json, run_stage
 from odm_basicsr.study.train_record import read_record, record_path
@@ -528,10 +528,7 @@ def main(argv=None):
             'total_wall_s': round(time.time() - started, 1),
             'machine': machine_info(device, load_at_start),
         }
-        with open('study.json', 'w', encoding='utf-8') as f:
-            json.dump(study, f, indent=2)
-        with open('study.md', 'w', encoding='utf-8') as f:
-            f.write(format_markdown(study))
+        write_results('study', study, format_markdown(study))
     finally:
         os.chdir(cwd)
     log('')

@@ -10,9 +10,9 @@ from odm_basicsr.study.argtypes import bit_width as _bit_width
 from odm_basicsr.study.argtypes import positive_int as _positive_int
 from odm_basicsr.study.data import hr_images as _hr_images
 from odm_basicsr.study.data import prepare_paired_data
-from odm_basicsr.study.machine import fmt_time as _fmt_time
-from odm_basicsr.study.machine import load_average as _load_average
-from odm_basicsr.study.machine import machine_info
+from odm_basicsr.study.results import fmt_time as _fmt_time
+from odm_basicsr.study.results import load_average as _load_average
+from odm_basicsr.study.results import machine_info
 from odm_basicsr.study.runner import Stage, run_stage
 from odm_basicsr.study.runner import load_json as _load_json
 

@@ -1,5 +1,5 @@
 """The demo's results table (console and ``results.md``)."""
-from odm_basicsr.study.machine import fmt_time
+from odm_basicsr.study.results import fmt_time
 
 from .recipe import BATCH, FP_LR, LR_PATCH, OFFSETS, QAT_LR, SEED, VAL_SIZE
 

@@ -16,14 +16,13 @@ Outputs in the work folder: ``results.json``, ``results.md``, ``comparison_w<b>.
 ``experiments/`` and ``tb_logger/`` (BasicSR's), ``console/<stage>.txt`` (each run's full output).
 """
 import datetime
-import json
 import os
 import shlex
 import sys
 import time
 
 from odm_basicsr.study.data import prepare_paired_data
-from odm_basicsr.study.machine import fmt_time, load_average, machine_info
+from odm_basicsr.study.results import fmt_time, load_average, machine_info, write_results
 from odm_basicsr.study.runner import run_stage
 from odm_basicsr.tool_cli import pick_device
 
@@ -139,10 +138,7 @@ def main(argv=None):
         results['reused_stages'] = [r['stage'] for r in rows if r['skipped']]
         results['train_wall_s_sum'] = round(sum(r['train_wall_s'] or 0 for r in rows), 1)
         results['machine'] = machine_info(device, load_at_start)
-        with open('results.json', 'w', encoding='utf-8') as f:
-            json.dump(results, f, indent=2)
-        with open('results.md', 'w', encoding='utf-8') as f:
-            f.write(format_markdown(results))
+        write_results('results', results, format_markdown(results))
     finally:
         os.chdir(cwd)
 

@@ -6,7 +6,8 @@
   (:mod:`.train_record`) the run writes beside its log.
 * :mod:`.options`: the BasicSR options of a training run (the demo's recipe).
 * :mod:`.data`: a folder of HR images made into HR / LR pairs for BasicSR's ``PairedImageDataset``.
-* :mod:`.argtypes`: ``argparse`` types of the study command lines; :mod:`.machine`: the machine a result came from.
+* :mod:`.results`: the result files (JSON, Markdown) and the machine they came from.
+* :mod:`.argtypes`: ``argparse`` types of the study command lines.
 
 Scoring the trained networks is :mod:`odm_basicsr.scoring`, as for ``odm-eval``.
 """

@@ -1,4 +1,5 @@
-"""The machine a study ran on, and how its times are shown: what a result file records beside the numbers."""
+"""A study's result files: JSON and Markdown, with the machine the results came from and their times."""
+import json
 import os
 import platform
 
@@ -32,3 +33,11 @@ def fmt_time(seconds):
     if seconds is None:
         return '-'
     return f'{int(seconds) // 60}:{int(seconds) % 60:02d}'
+
+
+def write_results(stem, results, markdown):
+    """Write ``<stem>.json`` (``results``) and ``<stem>.md`` (``markdown``)."""
+    with open(f'{stem}.json', 'w', encoding='utf-8') as f:
+        json.dump(results, f, indent=2)
+    with open(f'{stem}.md', 'w', encoding='utf-8') as f:
+        f.write(markdown)
