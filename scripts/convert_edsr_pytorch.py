@@ -43,8 +43,7 @@ import argparse
 import os
 import sys
 
-import torch
-
+from odm_basicsr.checkpoint import atomic_save
 from odm_basicsr.convert import ARCHS, ConversionError, check, convert, load_source
 
 
@@ -90,7 +89,7 @@ def main(argv=None):
         print(f'{prog}: error: {e}', file=sys.stderr)
         return 1
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    torch.save({'params': conv.state_dict}, args.output)
+    atomic_save({'params': conv.state_dict}, args.output)
     print(f'wrote {args.output}\nnetwork_g:\n  type: Quantized\n  arch: {conv.network_yaml()}')
     return 0
 
