@@ -226,6 +226,9 @@ def logged_coop(run_name):
     path = record_path(os.path.join('experiments', run_name))
     values = [e['values']['coop'] for e in read_record(path) if e['event'] == 'iter' and 'coop' in e['values']]
     if not values:
+        cached = load_json(os.path.join('runs', f'{run_name}.json')) or {}  # a run older than training records
+        if cached.get('coop') is not None:
+            return cached['coop']
         raise RuntimeError(f'naive_matched needs the coop logged by {run_name}; none found in {path}')
     return sum(values) / len(values)
 
