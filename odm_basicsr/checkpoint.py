@@ -213,7 +213,7 @@ def load_state(net, state, strict=True, source='checkpoint', hint=''):
         raise CheckpointMismatchError(f'{source} does not fit network {name}: {fit.describe()}.'
                                       + (f' {hint}' if hint else ''))
     if fit.mismatched:
-        state = {k: v for k, v in state.items() if k not in set(fit.mismatched)}
+        state = {k: v for k, v in state.items() if k not in fit.shapes}
     net.load_state_dict(state, strict=False)
     return fit
 
