@@ -32,6 +32,7 @@ import types
 import numpy as np
 import torch
 
+from odm_basicsr.checkpoint import atomic_save, load_checkpoint, load_weights, select_state_dict  # noqa: F401
 from odm_basicsr.guards import check_finite
 
 _APPLIED = False
@@ -79,55 +80,8 @@ def install_functional_tensor_stub():
         sys.modules[name] = stub
 
 
-def atomic_torch_save(obj, path):
-    """``torch.save`` to a temporary file in the same folder, then rename it over ``path``."""
-    tmp = f'{path}.tmp{os.getpid()}'
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def load_checkpoint(path):
-    """Load a checkpoint on the CPU with ``weights_only=True``; clear errors for a missing or unsafe file."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f'checkpoint file not found: {path}')
-    try:
-        return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # pickle.UnpicklingError and friends
-        raise RuntimeError(f'cannot load {path} with weights_only=True (it must hold only tensors and plain '
-                           f'Python values, as BasicSR checkpoints do): {e}') from e
-
-
-def select_state_dict(ckpt, param_key='params', fallback='params', source='checkpoint'):
-    """Pick the network state dict inside a loaded checkpoint, with ``module.`` prefixes stripped.
-
-    Tries ``ckpt[param_key]``, then ``ckpt[fallback]`` (None: no fallback), then ``ckpt`` itself when it is a bare
-    state dict (all values tensors).
-
-    Returns:
-        tuple[str | None, dict]: The key used (None for a bare state dict) and the state dict.
-
-    Raises:
-        KeyError: no such entry; the message names ``source`` and the keys found.
-        TypeError: the selected entry is not a dict.
-    """
-    if isinstance(ckpt, dict) and param_key is not None and param_key in ckpt:
-        key = param_key
-    elif isinstance(ckpt, dict) and fallback is not None and fallback in ckpt:
-        key = fallback
-    elif isinstance(ckpt, dict) and ckpt and all(torch.is_tensor(v) for v in ckpt.values()):
-        return None, {k[7:] if k.startswith('module.') else k: v for k, v in ckpt.items()}
-    else:
-        found = list(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
-        wanted = f'"{param_key}"' + (f' or "{fallback}"' if fallback not in (None, param_key) else '')
-        raise KeyError(f'{source} has no {wanted} entry (found: {found})')
-    state = ckpt[key]
-    if not isinstance(state, dict):
-        raise TypeError(f'{source} [{key}] is not a state dict')
-    return key, {k[7:] if k.startswith('module.') else k: v for k, v in state.items()}
+# Checkpoint reading and writing live in odm_basicsr.checkpoint; these names stay for code that imports them here.
+atomic_torch_save = atomic_save
 
 
 def _patch_resume():
@@ -194,8 +148,8 @@ def _patch_base_model():
     from basicsr.utils.dist_util import master_only
     from torch.nn.parallel import DataParallel, DistributedDataParallel
 
-    from odm_basicsr.quant import ActQuantizer, quantizer_state_keys
-    from odm_basicsr.quant.offsets import ensure_offsets_from_state, ensure_offsets_like
+    from odm_basicsr.quant import ActQuantizer
+    from odm_basicsr.quant.offsets import ensure_offsets_like
 
     def model_ema(self, decay=0.999):
         """EMA of parameters, plus a copy of every buffer (BasicSR 1.4.2 averages parameters only)."""
@@ -262,40 +216,23 @@ def _patch_base_model():
         """
         logger = get_root_logger()
         net = self.get_bare_model(net)
-        key, state = select_state_dict(load_checkpoint(load_path), param_key,
-                                       fallback=None if param_key is None else 'params', source=load_path)
-        check_finite(state, f'checkpoint {load_path}' + (f' [{key}]' if key else ''), 'refusing to load it')
+        name = type(net).__name__
+        loaded = load_weights(net, load_path, param_key, fallback=None if param_key is None else 'params',
+                              strict=strict, finite='refusing to load it',
+                              hint='Is it a checkpoint of another network? Set path.strict_load_g: false to load '
+                                   'the matching part only.')
+        key, fit = loaded.key, loaded.fit
         if key != param_key and key is not None:
             logger.info(f'Loading: {param_key} does not exist in {load_path}, use {key}.')
-        param_key = key
-        ensure_offsets_from_state(net, state)  # offsets are attached at calibration; a checkpoint may carry them
-        own = net.state_dict()
-        quant_keys = set(quantizer_state_keys(net))
-        missing = sorted(set(own) - set(state) - quant_keys)
-        expected_missing = sorted((set(own) - set(state)) & quant_keys)
-        unexpected = sorted(set(state) - set(own))
-        mismatched = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-        name = type(net).__name__
-        if strict and (missing or unexpected or mismatched):
-            parts = []
-            for label, keys in (('missing', missing), ('unexpected', unexpected), ('shape mismatch', mismatched)):
-                if keys:
-                    shown = ', '.join(keys[:8]) + (', ...' if len(keys) > 8 else '')
-                    parts.append(f'{len(keys)} {label} ({shown})')
-            raise RuntimeError(f'checkpoint {load_path} [{param_key}] does not fit network {name}: '
-                               + '; '.join(parts) + '. Is it a checkpoint of another network? '
-                               'Set path.strict_load_g: false to load the matching part only.')
-        for k in mismatched:
-            logger.warning(f'Size different, ignore [{k}]: net {tuple(own[k].shape)}; ckpt {tuple(state[k].shape)}')
-            state.pop(k)
-        if missing or unexpected:
-            logger.warning(f'Loading {load_path} non-strictly: {len(missing)} keys missing, '
-                           f'{len(unexpected)} unexpected: {(missing + unexpected)[:8]}')
-        if expected_missing:
-            logger.info(f'{len(expected_missing)} quantizer entries are not in {load_path} (an FP checkpoint): '
+        for k, (own, theirs) in fit.shapes.items():
+            logger.warning(f'Size different, ignore [{k}]: net {own}; ckpt {theirs}')
+        if fit.missing or fit.unexpected:
+            logger.warning(f'Loading {load_path} non-strictly: {len(fit.missing)} keys missing, '
+                           f'{len(fit.unexpected)} unexpected: {(fit.missing + fit.unexpected)[:8]}')
+        if fit.quantizer_missing:
+            logger.info(f'{len(fit.quantizer_missing)} quantizer entries are not in {load_path} (an FP checkpoint): '
                         'the quantizers will be initialised from data.')
-        net.load_state_dict(state, strict=False)
-        logger.info(f'Loaded {name} from {load_path} [{param_key}].')
+        logger.info(f'Loaded {name} from {load_path} [{key}].')
 
     def model_to_device(self, net):
         """Move to the device; wrap with DDP (also on CPU, for the gloo backend) or DataParallel."""

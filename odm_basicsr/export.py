@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 
-from odm_basicsr.evaluate import EvalError
+from odm_basicsr.tool_cli import ToolError, run_cli
 
 OUTPUT_QUANT_HELP = ('auto: an 8-bit output quantizer (calibrated on --calib images) on every quantized conv whose '
                      'output would stay float, so that it runs as an integer conv; trained: only those the network '
@@ -63,38 +63,33 @@ def build_parser():
 
 
 def _fail_deploy(e):
-    raise EvalError(str(e)) from e
+    raise ToolError(str(e)) from e
 
 
 def _lr_tensor(path):
-    import torch
+    from odm_basicsr.scoring import read_image, to_tensor
 
-    from odm_basicsr.evaluate import read_image
-
-    img = read_image(path)[:, :, ::-1].astype('float32') / 255.0  # BGR -> RGB, [0, 1]
-    return torch.from_numpy(img.copy()).permute(2, 0, 1).unsqueeze(0)
+    return to_tensor(read_image(path))
 
 
 def calibration_images(args, opt_path):
     """LR tensors for the output quantizers: ``--calib`` or the option file's ``datasets.train.dataroot_lq``."""
-    import yaml
+    from odm_basicsr.network_options import read_option_file
+    from odm_basicsr.scoring import image_files
 
     folder = args.calib
     if folder is None:
-        with open(opt_path, encoding='utf-8') as f:
-            opt = yaml.safe_load(f) or {}
+        opt = read_option_file(opt_path)[0]
         folder = (((opt.get('datasets') or {}).get('train') or {}).get('dataroot_lq'))
         if not folder or not os.path.isdir(folder):
-            raise EvalError('--output-quant auto adds output quantizers, which need calibration images: give '
+            raise ToolError('--output-quant auto adds output quantizers, which need calibration images: give '
                             '--calib <folder of LR images> (the option file names no training LQ folder here), '
                             'or --output-quant trained')
     if not os.path.isdir(folder):
-        raise EvalError(f'calibration folder not found: {folder}')
-    from odm_basicsr.evaluate import IMAGE_EXTS
-
-    files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTS))[:args.calib_images]
+        raise ToolError(f'calibration folder not found: {folder}')
+    files = image_files(folder)[:args.calib_images]
     if not files:
-        raise EvalError(f'no images in the calibration folder {folder}')
+        raise ToolError(f'no images in the calibration folder {folder}')
     return [_lr_tensor(os.path.join(folder, f)) for f in files]
 
 
@@ -123,24 +118,20 @@ def parity(trained, deployed, session, pairs, scale):
     """Y-channel PSNR of the trained, deployed and onnxruntime networks, and output agreement, per image."""
     import numpy as np
     import torch
-    from basicsr.metrics import calculate_psnr
     from basicsr.utils import tensor2img
 
     from odm_basicsr.deploy.onnxruntime_check import run
-    from odm_basicsr.evaluate import read_image
+    from odm_basicsr.scoring import iter_pairs, y_psnr
 
     rows = []
-    for name, lr_path, hr_path in pairs:
-        lq = _lr_tensor(lr_path)
-        hr = read_image(hr_path)[:lq.shape[-2] * scale, :lq.shape[-1] * scale]
+    for name, lq, hr in iter_pairs(pairs, scale):
         with torch.no_grad():
             out_trained, out_deploy = trained(lq), deployed(lq)
         out_ort = torch.from_numpy(run(session, lq)) if session is not None else None
         row = dict(image=name)
         for key, out in (('trained', out_trained), ('deploy', out_deploy), ('onnxruntime', out_ort)):
             if out is not None:
-                row[f'psnr_{key}'] = float(calculate_psnr(tensor2img([out]), hr, crop_border=scale,
-                                                          test_y_channel=True))
+                row[f'psnr_{key}'] = y_psnr(tensor2img([out]), hr, scale)
         if out_ort is not None:
             a, b = out_ort.clamp(0, 1).numpy() * 255, out_deploy.clamp(0, 1).numpy() * 255
             row['ort_vs_deploy_psnr'] = _psnr(a, b)
@@ -161,13 +152,14 @@ def run(args):
 
     from odm_basicsr.archs.quantized_arch import example_input
     from odm_basicsr.deploy import DeployError, load, round_float_layers, save, to_deploy
-    from odm_basicsr.evaluate import build_network, list_pairs, load_net_options, load_weights
+    from odm_basicsr.network_options import build_network, read_network_options
+    from odm_basicsr.scoring import list_pairs, load_weights
 
     if not os.path.isfile(args.checkpoint):
-        raise EvalError(f'checkpoint file not found: {args.checkpoint}')
-    net_opt, scale = load_net_options(args.opt, args.scale)
+        raise ToolError(f'checkpoint file not found: {args.checkpoint}')
+    net_opt, scale = read_network_options(args.opt, args.scale)
     if net_opt.get('type') != 'Quantized':
-        raise EvalError(f'{args.opt}: network_g is {net_opt.get("type")!r}, not a Quantized network; export the '
+        raise ToolError(f'{args.opt}: network_g is {net_opt.get("type")!r}, not a Quantized network; export the '
                         'quantized option file the checkpoint was trained with')
     pairs = {s: list_pairs(args.data, s, scale) for s in args.sets} if args.data else {}
     net = build_network(net_opt)
@@ -235,7 +227,7 @@ def run(args):
     print(f'written: {args.out}/model.safetensors' + ('' if args.no_onnx else ', model.onnx, model_float.onnx')
           + ', export.json, export.md')
     if not reload_identical:
-        raise EvalError('the compact file does not reload to the deploy form bit for bit (a bug: please report it)')
+        raise ToolError('the compact file does not reload to the deploy form bit for bit (a bug: please report it)')
     return report
 
 
@@ -345,8 +337,6 @@ def format_report(r):
 
 
 def main(argv=None):
-    from odm_basicsr.evaluate import run_cli
-
     return run_cli('odm-export', build_parser(), run, argv)
 
 

@@ -3,8 +3,8 @@
 
 For each bit width, builds ``Quantized`` over the network of ``--opt`` (its ``network_g``), loads ``--checkpoint``,
 calibrates the activation ranges on LR patches cut from ``<data>/train/<set>`` HR images (MATLAB bicubic), and
-evaluates Y-PSNR on ``<data>/benchmark/Set5`` and ``Set14`` with odm-eval's path. Prints one JSON line per
-configuration and a Markdown table; ``--json`` writes them all.
+evaluates Y-PSNR on ``<data>/benchmark/Set5`` and ``Set14`` as odm-eval does (``odm_basicsr.scoring``). Prints one
+JSON line per configuration and a Markdown table; ``--json`` writes them all.
 
 Example (RLFN, the published network; about 15 minutes on 2 CPU cores)::
 
@@ -23,8 +23,9 @@ import torch
 
 import odm_basicsr.archs  # noqa: F401  (BasicSR fixes + registration first)
 from basicsr.utils.matlab_functions import imresize
-from odm_basicsr import evaluate as ev
-from odm_basicsr.compat import load_checkpoint, select_state_dict
+from odm_basicsr import scoring
+from odm_basicsr.checkpoint import CheckpointMismatchError, load_state, read_state
+from odm_basicsr.network_options import build_network, read_network_options
 from odm_basicsr.quant import calibrate
 
 ACT_STATS = ('percentile', 'minmax', 'mse')
@@ -43,7 +44,7 @@ def calibration_batches(data, train_set, scale, n, batch, lr_patch, seed=0):
     for _ in range(n):
         patches = []
         while len(patches) < batch:
-            img = ev.read_image(paths[rng.integers(len(paths))])[:, :, ::-1].astype(np.float32) / 255.0
+            img = scoring.read_image(paths[rng.integers(len(paths))])[:, :, ::-1].astype(np.float32) / 255.0
             h, w = img.shape[:2]
             if h < hr_patch or w < hr_patch:
                 continue
@@ -55,8 +56,7 @@ def calibration_batches(data, train_set, scale, n, batch, lr_patch, seed=0):
 
 
 def set_psnr(net, pairs, scale, device):
-    rows = ev.evaluate_set(net, pairs, scale, device)
-    return sum(r[1] for r in rows) / len(rows)
+    return scoring.mean_scores(scoring.evaluate_set(net, pairs, scale, device))['psnr']
 
 
 def main(argv=None):
@@ -74,22 +74,24 @@ def main(argv=None):
     p.add_argument('--json', help='write all results here')
     args = p.parse_args(argv)
     torch.manual_seed(0)
-    net_opt, scale = ev.load_net_options(args.opt)
+    net_opt, scale = read_network_options(args.opt)
     batches = calibration_batches(args.data, args.train_set, scale, args.batches, args.batch, args.lr_patch)
-    pairs = {s: ev.list_pairs(os.path.join(args.data, 'benchmark'), s, scale) for s in args.sets}
+    pairs = {s: scoring.list_pairs(os.path.join(args.data, 'benchmark'), s, scale) for s in args.sets}
     device = torch.device('cpu')
 
-    state = select_state_dict(load_checkpoint(args.checkpoint), source=args.checkpoint)[1]
+    key, state = read_state(args.checkpoint)
 
-    def score(network_opt):
-        net = ev.build_network(network_opt)
-        missing, unexpected = net.load_state_dict(state, strict=False)
-        if unexpected or any('quant' not in k for k in missing):
-            raise SystemExit(f'{args.checkpoint} does not fit the network: missing {missing}, unexpected {unexpected}')
+    def with_weights(network_opt):
+        """The network of ``network_opt`` with the checkpoint's FP weights (its quantizers not yet calibrated)."""
+        net = build_network(network_opt)
+        try:
+            load_state(net, state, source=f'checkpoint {args.checkpoint} [{key}]')
+        except CheckpointMismatchError as e:
+            raise SystemExit(str(e)) from e
         return net
 
     results = []
-    fp = score(net_opt)
+    fp = with_weights(net_opt)
     fp.eval()
     row = {'config': 'FP'}
     for s, prs in pairs.items():
@@ -109,7 +111,7 @@ def main(argv=None):
         t0 = time.time()
         qopt = {'type': 'Quantized', 'arch': net_opt, 'w_bits': bits, 'a_bits': bits, 'layers': args.layers,
                 'act_init': act, 'weight_range': wrange, 'weight_granularity': gran}
-        net = score(qopt)
+        net = with_weights(qopt)
         net.eval()
         row = {'bits': bits, 'mode': mode, 'act_init': act, 'weight_range': wrange, 'weight_granularity': gran}
         try:

@@ -4,14 +4,14 @@
 Trains on HR images of ``<data>/train/<set>`` (LR made once with BasicSR's MATLAB bicubic into
 ``<out>/data_x<scale>/``), evaluates on ``<data>/benchmark/Set5`` and ``Set14`` (HR + LRbicx<scale>), and writes
 ``<out>/study.md`` and ``<out>/study.json``. Each stage is a real ``python -m odm_basicsr.train -opt`` run, written
-and run by the functions of ``odm_basicsr.demo``; a finished run (checkpoint present) is skipped, so rerunning the
-same command resumes the study. See ``--help`` for the arms, the statistics and the chosen defaults.
+and run as odm-demo's stages are; a finished run (checkpoint present) is skipped, so rerunning the
+same command resumes the study. Stages run through ``odm_basicsr.study`` (as odm-demo's do) and are scored with
+``odm_basicsr.scoring`` (as odm-eval scores). See ``--help`` for the arms, the statistics and the chosen defaults.
 """
 # ruff: noqa: I001
 import argparse
 import datetime
 import json
-import math
 import os
 import shlex
 import statistics
@@ -20,8 +20,17 @@ import time
 from argparse import Namespace
 
 import odm_basicsr.plugin  # noqa: F401  (BasicSR fixes + registration first)
-from odm_basicsr import demo
+from odm_basicsr import scoring
+from odm_basicsr.demo.recipe import DEFAULT_VAR_WEIGHT, edsr_arch
+from odm_basicsr.study.argtypes import bit_width, positive_float, positive_int
+from odm_basicsr.study.data import hr_images, paired_dataset_opt, prepare_paired_data
+from odm_basicsr.study.results import fmt_time, load_average, machine_info, write_results
+from odm_basicsr.study.options import training_options
+from odm_basicsr.study.runner import Stage, load_json, run_stage
+from odm_basicsr.study.train_record import read_record, record_path
+from odm_basicsr.tool_cli import pick_device
 
+PROG = 'mini_study.py'
 ARMS = ('fp', 'qat', 'odm', 'odm_low', 'odm_high', 'naive_half', 'naive_matched', 'offsets_only', 'clip_only',
         'qlr10', 'v2', 'v2_noclip')
 DEFAULT_ARMS = ('fp', 'qat', 'odm', 'naive_half', 'offsets_only', 'v2')
@@ -92,10 +101,6 @@ defaults and why (aim: about 90 minutes on 2 idle CPU cores):
 """
 
 
-def _positive_int(text):
-    return demo._positive_int(text)
-
-
 def build_parser():
     p = argparse.ArgumentParser(
         prog='mini_study.py', description='A CPU-scale ODM study: arms x layer sets x seeds from one cached FP start, '
@@ -105,7 +110,7 @@ def build_parser():
                    help=f'data root with train/<set>/ and benchmark/Set5, Set14 (default {DEFAULT_DATA})')
     p.add_argument('--train-sets', nargs='+', default=list(DEFAULT_TRAIN_SETS), metavar='SET',
                    help=f'subfolders of <data>/train (default {" ".join(DEFAULT_TRAIN_SETS)})')
-    p.add_argument('--bits', type=demo._bit_width, default=2, help='W=A bit width of the QAT arms (default 2)')
+    p.add_argument('--bits', type=bit_width, default=2, help='W=A bit width of the QAT arms (default 2)')
     p.add_argument('--layer-sets', nargs='+', choices=LAYER_SETS, default=list(LAYER_SETS),
                    help='network_g.layers values (default: default all)')
     p.add_argument('--arms', nargs='+', choices=ARMS, default=list(DEFAULT_ARMS),
@@ -121,21 +126,21 @@ def build_parser():
     p.add_argument('--weight-range', choices=('mse', 'maxabs', 'percentile'),
                    help='network_g.weight_range of every QAT arm but v2 and clip_only, which keep the 2024 '
                    'percentile x learnable factor (default: the Quantized default)')
-    p.add_argument('--batch', type=_positive_int, default=BATCH, help=f'batch size (default {BATCH})')
-    p.add_argument('--lr-patch', type=_positive_int, default=LR_PATCH, help=f'LR patch (default {LR_PATCH})')
+    p.add_argument('--batch', type=positive_int, default=BATCH, help=f'batch size (default {BATCH})')
+    p.add_argument('--lr-patch', type=positive_int, default=LR_PATCH, help=f'LR patch (default {LR_PATCH})')
     p.add_argument('--seeds', nargs='+', type=int, default=list(DEFAULT_SEEDS),
                    help=f'seeds per QAT arm (default {" ".join(map(str, DEFAULT_SEEDS))})')
-    p.add_argument('--var-weight', type=demo._var_weight, default=demo.DEFAULT_VAR_WEIGHT,
-                   help=f'lambda_var of odm (naive_half uses half; default {demo.DEFAULT_VAR_WEIGHT:g})')
-    p.add_argument('--arch-feat', type=_positive_int, default=DEFAULT_FEAT,
+    p.add_argument('--var-weight', type=positive_float, default=DEFAULT_VAR_WEIGHT,
+                   help=f'lambda_var of odm (naive_half uses half; default {DEFAULT_VAR_WEIGHT:g})')
+    p.add_argument('--arch-feat', type=positive_int, default=DEFAULT_FEAT,
                    help=f'EDSR channels (default {DEFAULT_FEAT})')
-    p.add_argument('--arch-block', type=_positive_int, default=DEFAULT_BLOCK,
+    p.add_argument('--arch-block', type=positive_int, default=DEFAULT_BLOCK,
                    help=f'EDSR residual blocks (default {DEFAULT_BLOCK})')
     p.add_argument('--scale', type=int, choices=(2, 3, 4), default=DEFAULT_SCALE,
                    help=f'upscaling factor (default {DEFAULT_SCALE})')
-    p.add_argument('--fp-iters', type=_positive_int, default=DEFAULT_FP_ITERS,
+    p.add_argument('--fp-iters', type=positive_int, default=DEFAULT_FP_ITERS,
                    help=f'iterations of the FP start (default {DEFAULT_FP_ITERS})')
-    p.add_argument('--qat-iters', type=_positive_int, default=DEFAULT_QAT_ITERS,
+    p.add_argument('--qat-iters', type=positive_int, default=DEFAULT_QAT_ITERS,
                    help=f'iterations of each QAT run (default {DEFAULT_QAT_ITERS})')
     p.add_argument('--device', choices=('cpu', 'cuda', 'auto'), default='cpu', help='default cpu')
     return p
@@ -153,15 +158,14 @@ def parse_args(argv=None):
         parser.error('--pretrained-opt and --pretrained go together')
     args.net_opt = None
     if args.pretrained_opt:
-        from odm_basicsr.evaluate import load_net_options
+        from odm_basicsr.checkpoint import read_state
+        from odm_basicsr.network_options import read_network_options
         for path in (args.pretrained_opt, args.pretrained):
             if not os.path.isfile(path):
                 parser.error(f'file not found: {path}')
-        args.net_opt, args.scale = load_net_options(args.pretrained_opt)
+        args.net_opt, args.scale = read_network_options(args.pretrained_opt)
         args.pretrained = os.path.abspath(args.pretrained)
-        from odm_basicsr.compat import load_checkpoint, select_state_dict
-        args.pretrained_key = select_state_dict(load_checkpoint(args.pretrained), 'params_ema', 'params',
-                                                source=args.pretrained)[0]
+        args.pretrained_key = read_state(args.pretrained, 'params_ema')[0]
         if args.var_shares is None:
             args.var_shares = list(DEFAULT_VAR_SHARES)
     args.hr_images = []
@@ -170,7 +174,7 @@ def parse_args(argv=None):
         if not os.path.isdir(folder):
             parser.error(f'--train-sets: folder not found: {folder}')
         try:
-            args.hr_images += demo._hr_images(folder)
+            args.hr_images += hr_images(folder)
         except ValueError as e:
             parser.error(f'--train-sets: {e}')
     for name in BENCHMARKS:
@@ -184,10 +188,6 @@ def parse_args(argv=None):
 # Options
 # ---------------------------------------------------------------------------------------------------------------
 
-def _demo_args(args):
-    return Namespace(scale=args.scale, device=args.device, num_feat=args.arch_feat, num_block=args.arch_block)
-
-
 def _strip_val(opt):
     """No in-training validation: every run is evaluated here on Set5 and Set14 afterwards."""
     opt['datasets'].pop('val', None)
@@ -197,14 +197,20 @@ def _strip_val(opt):
 
 
 def _arch(args):
-    return dict(args.net_opt) if args.net_opt else demo.edsr_arch(_demo_args(args))
+    if args.net_opt:
+        return dict(args.net_opt)
+    return edsr_arch(Namespace(num_feat=args.arch_feat, num_block=args.arch_block, scale=args.scale))
+
+
+def _run_options(name, args, train_set, iters, lr, milestones, seed):
+    """A run's BasicSR options: the demo's recipe without in-training validation."""
+    return _strip_val(training_options(name, args.scale, args.device, train_set, iters, lr, milestones, _arch(args),
+                                       seed))
 
 
 def fp_stage(args, train_set):
-    d = _demo_args(args)
-    opt = demo.base_options('fp', d, train_set, args.fp_iters, FP_LR, [max(1, (2 * args.fp_iters) // 3)])
-    opt['manual_seed'] = FP_SEED
-    return demo.Stage('fp', 'fp', 32, _strip_val(opt))
+    opt = _run_options('fp', args, train_set, args.fp_iters, FP_LR, [max(1, (2 * args.fp_iters) // 3)], FP_SEED)
+    return Stage('fp', 'fp', 32, opt)
 
 
 def var_weights(args, layers):
@@ -216,23 +222,20 @@ def var_weights(args, layers):
 
 
 def logged_coop(run_name):
-    """Mean of the ``coop`` values in a finished run's training log (BasicSR's ``coop: 3.1e-01`` entries)."""
-    import glob
-    import re
-    values = []
-    for log_file in sorted(glob.glob(os.path.join('experiments', run_name, 'train_*.log'))):
-        with open(log_file, encoding='utf-8') as f:
-            values += [float(v) for v in re.findall(r'\bcoop: ([-+0-9.e]+)', f.read())]
+    """Mean of the ``coop`` values a finished run logged (its training record: every logged iteration)."""
+    path = record_path(os.path.join('experiments', run_name))
+    values = [e['values']['coop'] for e in read_record(path) if e['event'] == 'iter' and 'coop' in e['values']]
     if not values:
-        raise RuntimeError(f'naive_matched needs the coop logged by {run_name}; none found in its log')
+        cached = load_json(os.path.join('runs', f'{run_name}.json')) or {}  # a run older than training records
+        if cached.get('coop') is not None:
+            return cached['coop']
+        raise RuntimeError(f'naive_matched needs the coop logged by {run_name}; none found in {path}')
     return sum(values) / len(values)
 
 
 def qat_stage(args, train_set, arm, layers, seed):
-    d = _demo_args(args)
     name = f'{arm}_{layers}_s{seed}'
-    opt = demo.base_options(name, d, train_set, args.qat_iters, QAT_LR, [10 * args.qat_iters])  # constant lr
-    opt['manual_seed'] = seed
+    opt = _run_options(name, args, train_set, args.qat_iters, QAT_LR, [10 * args.qat_iters], seed)  # constant lr
     opt['model_type'] = 'ODMModel'
     opt['network_g'] = {'type': 'Quantized', 'arch': _arch(args), 'w_bits': args.bits, 'a_bits': args.bits,
                         'layers': layers}
@@ -271,7 +274,7 @@ def qat_stage(args, train_set, arm, layers, seed):
         opt['network_g']['clip_correction'] = arm == 'v2'
     else:
         raise ValueError(arm)
-    stage = demo.Stage(name, arm, args.bits, _strip_val(opt))
+    stage = Stage(name, arm, args.bits, opt)
     stage.layers, stage.seed = layers, seed
     return stage
 
@@ -297,17 +300,17 @@ def measure_var_unit(args, train_set, layers, device):
     """``l_pix / l_var`` at loss weight 1 on one calibrated training batch of the quantized pretrained network:
     the lambda that makes the regulariser equal to l_pix at the start."""
     import torch
-    from basicsr.archs import build_network
     from basicsr.data import build_dataset
     from torch.utils.data import DataLoader
 
-    from odm_basicsr.compat import load_checkpoint, select_state_dict
+    from odm_basicsr.checkpoint import load_weights
     from odm_basicsr.losses.variance_loss import FeatureVarianceLoss
+    from odm_basicsr.network_options import build_network
     from odm_basicsr.quant import calibrate, quantized_layers
 
     net = build_network({'type': 'Quantized', 'arch': _arch(args), 'w_bits': args.bits, 'a_bits': args.bits,
                          'layers': layers}).to(device)
-    net.load_state_dict(select_state_dict(load_checkpoint(args.pretrained), source=args.pretrained)[1], strict=False)
+    load_weights(net, args.pretrained, args.pretrained_key)  # as the QAT runs load it (quantizer entries absent)
     loader = DataLoader(build_dataset(dict(train_set, phase='train', scale=args.scale)), batch_size=args.batch,
                         shuffle=True,
                         generator=torch.Generator().manual_seed(0))
@@ -331,32 +334,15 @@ def measure_var_unit(args, train_set, layers, device):
 # ---------------------------------------------------------------------------------------------------------------
 
 def benchmark_pairs(data, name, scale):
-    """``[(name, lq 1xCxhxw, gt uint8 BGR)]`` of a benchmark set, as BasicSR's PairedImageDataset gives them."""
-    from basicsr.data.paired_image_dataset import PairedImageDataset
-    from basicsr.utils import tensor2img
-
-    root = os.path.join(data, 'benchmark', name)
-    ds = PairedImageDataset({'dataroot_gt': os.path.join(root, 'HR'), 'dataroot_lq': os.path.join(root,
-                             f'LRbicx{scale}'), 'io_backend': {'type': 'disk'}, 'filename_tmpl': '{}',
-                             'phase': 'val', 'scale': scale})
-    pairs = []
-    for i in range(len(ds)):
-        item = ds[i]
-        pairs.append((os.path.splitext(os.path.basename(item['lq_path']))[0], item['lq'].unsqueeze(0),
-                      tensor2img([item['gt'].unsqueeze(0)])))
-    return pairs
+    """The scoring pairs ``(name, lq, gt)`` of ``<data>/benchmark/<name>``."""
+    return scoring.load_benchmark(os.path.join(data, 'benchmark'), name, scale)
 
 
-def _pretrained_net(args, device):
-    from odm_basicsr import evaluate as ev
-    net = ev.build_network(args.net_opt)
-    ev.load_weights(net, args.pretrained)
-    return net.to(device).eval()
-
-
-def evaluate(stage, sets, scale, device):
-    net = demo.load_net(stage.opt['network_g'], stage.checkpoint, device)
-    return {name: demo._metrics(demo.sr_images(net, pairs, device), pairs, scale) for name, pairs in sets.items()}
+def evaluate(net_opt, checkpoint, sets, scale, device, param_key='params_ema'):
+    """``{set: {'psnr', 'ssim', 'per_image_psnr'}}`` of a trained (or the pretrained) network."""
+    net = scoring.load_network(net_opt, checkpoint, device, param_key)
+    return {name: scoring.mean_scores(scoring.evaluate_pairs(net, pairs, scale, device))
+            for name, pairs in sets.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -427,8 +413,8 @@ def format_markdown(study):
              f'Command: `{study["command"]}`  ', f'Date: {study["date"]}  ',
              f'Machine: {study["machine"]["summary"]}; load average at start '
              f'{study["machine"]["load_average_at_start"]}, at end {study["machine"]["load_average_at_end"]}  ',
-             f'Wall time of this invocation: {demo._fmt_time(study["total_wall_s"])} (m:ss); sum of the run train '
-             f'times: {demo._fmt_time(study["train_wall_s_sum"])}', '',
+             f'Wall time of this invocation: {fmt_time(study["total_wall_s"])} (m:ss); sum of the run train '
+             f'times: {fmt_time(study["train_wall_s_sum"])}', '',
              (f'Start: the pretrained {s["pretrained_opt"]} network ({s["pretrained"]}), no FP training; '
               if s.get('pretrained') else
               f'EDSR {s["arch_feat"]} ch x {s["arch_block"]} blocks, FP start {s["fp_iters"]} iterations '
@@ -462,7 +448,7 @@ def format_markdown(study):
 # ---------------------------------------------------------------------------------------------------------------
 
 def main(argv=None):
-    started, load_at_start = time.time(), demo._load_average()
+    started, load_at_start = time.time(), load_average()
     os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
     args = parse_args(argv)
     command = shlex.join(['python', 'scripts/mini_study.py'] + (sys.argv[1:] if argv is None else list(argv)))
@@ -474,13 +460,11 @@ def main(argv=None):
         print(msg, flush=True)
 
     log(f'mini_study: work folder {out}')
-    paired = demo.prepare_paired_data(args.hr_images, os.path.join(out, f'data_x{args.scale}'), args.scale,
-                                      args.lr_patch * args.scale, log)
-    train_set = demo.train_dataset_opt(_demo_args(args), paired)
-    train_set.update({'gt_size': args.lr_patch * args.scale, 'batch_size_per_gpu': args.batch,
-                      'dataset_enlarge_ratio': max(1, math.ceil(100 * args.batch / paired[2]))})
+    paired = prepare_paired_data(args.hr_images, os.path.join(out, f'data_x{args.scale}'), args.scale,
+                                 args.lr_patch * args.scale, log, PROG)
+    train_set = paired_dataset_opt(paired, args.scale, args.lr_patch, args.batch)
     stages = plan(args, train_set)
-    device = demo._eval_device(args.device)
+    device = pick_device(args.device)
     args.var_unit = {}
     if args.var_shares:
         for layers in args.layer_sets:
@@ -493,26 +477,26 @@ def main(argv=None):
     os.chdir(out)
     try:
         os.makedirs('runs', exist_ok=True)
-        bicubic = {name: demo._metrics(demo.bicubic_images(pairs, args.scale), pairs, args.scale)
+        bicubic = {name: scoring.mean_scores(scoring.score_images(scoring.bicubic_images(pairs, args.scale), pairs,
+                                                                  args.scale))
                    for name, pairs in sets.items()}
         runs = []
         if args.pretrained:
-            fp_metrics = {name: demo._metrics(demo.sr_images(_pretrained_net(args, device), pairs, device), pairs,
-                                              args.scale) for name, pairs in sets.items()}
+            fp_metrics = evaluate(args.net_opt, args.pretrained, sets, args.scale, device)
             runs.append({'run': 'fp', 'arm': 'fp', 'layers': '-', 'seed': FP_SEED, 'metrics': fp_metrics,
                          'checkpoint': args.pretrained, 'skipped': False})
         for make_stage in stages:
             stage = make_stage()
-            rec = demo.run_stage(stage, log)
+            rec = run_stage(stage, log, PROG)
             run_path = os.path.join('runs', f'{stage.name}.json')
-            cached = demo._load_json(run_path)
+            cached = load_json(run_path)
             if rec.get('skipped') and cached is not None:
                 run = {**cached, 'skipped': True}
             else:
                 coop = None
                 if stage.method.startswith('odm'):
                     coop = logged_coop(stage.name)
-                metrics = evaluate(stage, sets, args.scale, device)
+                metrics = evaluate(stage.opt['network_g'], stage.checkpoint, sets, args.scale, device)
                 run = {'run': stage.name, 'arm': stage.method, 'layers': stage.layers, 'seed': stage.seed,
                        'metrics': metrics, 'train_wall_s': rec.get('train_wall_s'), 'iters': rec.get('iters'),
                        'basicsr_time_consumed': rec.get('basicsr_time_consumed'),
@@ -545,12 +529,9 @@ def main(argv=None):
             'reused_runs': [r['run'] for r in runs if r['skipped']],
             'train_wall_s_sum': round(sum(r.get('train_wall_s') or 0 for r in runs), 1),
             'total_wall_s': round(time.time() - started, 1),
-            'machine': demo.machine_info(device, load_at_start),
+            'machine': machine_info(device, load_at_start),
         }
-        with open('study.json', 'w', encoding='utf-8') as f:
-            json.dump(study, f, indent=2)
-        with open('study.md', 'w', encoding='utf-8') as f:
-            f.write(format_markdown(study))
+        write_results('study', study, format_markdown(study))
     finally:
         os.chdir(cwd)
     log('')

@@ -1,9 +1,9 @@
 """``scripts/convert_edsr_pytorch.py``: EDSR-PyTorch / DAQ / DDTB layouts -> BasicSR / odm_basicsr archs.
 
-Source-layout state dicts come from the script's reference modules (minimal copies of the original module
-structure; their key sets are pinned below against the original files), with random weights, BN statistics and
-PReLU slopes. A conversion must give the same outputs (to 1e-4 on the [0, 1] scale) and load into the quantized
-network with only the quantizer entries missing.
+Source-layout state dicts come from the reference modules of ``odm_basicsr.convert`` (minimal copies of the
+original module structure; their key sets are pinned below against the original files), with random weights, BN
+statistics and PReLU slopes. A conversion must give the same outputs (to 1e-4 on the [0, 1] scale) and load into
+the quantized network with only the quantizer entries missing.
 """
 from pathlib import Path
 from unittest import mock
@@ -13,13 +13,14 @@ import torch
 from basicsr.utils.registry import ARCH_REGISTRY
 from odm_helpers import load_script
 
+from odm_basicsr import convert as cv
 from odm_basicsr.quant import quantizer_state_keys
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 pytestmark = pytest.mark.usefixtures('one_thread')
-cv = load_script('convert_edsr_pytorch')
+script = load_script('convert_edsr_pytorch')
 
 
 def _no_init(t, *args, **kwargs):
@@ -138,7 +139,7 @@ def test_cli_writes_a_basicsr_checkpoint(tmp_path, capsys):
     src = tmp_path / 'edsr_baseline_x2.pt'
     torch.save(cv.EDSRPyTorchRef(2, 16, 2).state_dict(), src)
     out = tmp_path / 'pretrained' / 'EDSR_x2_fp.pth'  # the folder is created
-    assert cv.main([str(src), str(out), '--check']) == 0
+    assert script.main([str(src), str(out), '--check']) == 0
     printed = capsys.readouterr().out
     assert 'EDSR (edsr-pytorch layout)' in printed and ': ok' in printed
     assert '{type: EDSR, num_in_ch: 3, num_out_ch: 3, num_feat: 16, num_block: 2, upscale: 2' in printed
@@ -184,16 +185,16 @@ def test_extra_keys_can_be_dropped_explicitly():
 
 def test_cli_errors(tmp_path, capsys):
     out = str(tmp_path / 'out.pth')
-    assert cv.main([str(tmp_path / 'missing.pt'), out]) == 1
+    assert script.main([str(tmp_path / 'missing.pt'), out]) == 1
     assert 'file not found' in capsys.readouterr().err
     (tmp_path / 'notes.txt').write_text('not a checkpoint')
-    assert cv.main([str(tmp_path / 'notes.txt'), out]) == 1
+    assert script.main([str(tmp_path / 'notes.txt'), out]) == 1
     assert 'cannot be read as a PyTorch checkpoint' in capsys.readouterr().err
     torch.save([1, 2, 3], tmp_path / 'list.pt')
-    assert cv.main([str(tmp_path / 'list.pt'), out]) == 1
+    assert script.main([str(tmp_path / 'list.pt'), out]) == 1
     assert 'not a state dict of tensors (found: list)' in capsys.readouterr().err
     torch.save(_edsr_source(), tmp_path / 'edsr.pt')
-    assert cv.main([str(tmp_path / 'edsr.pt'), out, '--arch', 'SRResNet']) == 1
+    assert script.main([str(tmp_path / 'edsr.pt'), out, '--arch', 'SRResNet']) == 1
     assert 'but the input has the keys of an EDSR checkpoint' in capsys.readouterr().err
     assert not Path(out).exists()
 

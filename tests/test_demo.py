@@ -3,6 +3,7 @@ import odm_basicsr.plugin  # noqa: F401, I001  (BasicSR fixes + registration fir
 # ``odm-demo`` end to end with tiny settings (real training subprocesses on CPU), its re-run and its flags.
 import json
 import math
+import re
 import time
 from copy import deepcopy
 
@@ -10,7 +11,9 @@ import cv2
 import numpy as np
 import pytest
 
-from odm_basicsr import demo
+from odm_basicsr import demo, scoring
+from odm_basicsr.demo import figures, recipe
+from odm_basicsr.study.data import prepare_paired_data
 
 pytestmark = pytest.mark.slow
 
@@ -39,7 +42,8 @@ def test_demo_trains_every_stage_and_reports_them(tiny_run, capsys):
         assert r['skipped'] is False and r['train_wall_s'] > 0 and r['iters'] == (6 if r['method'] == 'fp' else 4)
         # evaluation in this process == BasicSR's own final validation in the run's log
         assert abs(r['psnr'] - r['log_psnr']) < 0.01 and abs(r['ssim'] - r['log_ssim']) < 1e-3, r
-    assert results['settings']['var_weight'] == demo.DEFAULT_VAR_WEIGHT
+        assert re.fullmatch(r'\d+:\d\d:\d\d', r['basicsr_time_consumed']), r  # from the run's record
+    assert results['settings']['var_weight'] == recipe.DEFAULT_VAR_WEIGHT
     assert 'torch' in results['machine'] and results['command'].startswith('odm-demo --out')
 
     md = (out / 'results.md').read_text()
@@ -52,8 +56,8 @@ def test_demo_trains_every_stage_and_reports_them(tiny_run, capsys):
     odm = yaml.safe_load((out / 'options' / 'w4_odm.yml').read_text())
     assert base['train']['cooperation'] == 'off' and 'var_opt' not in base['train']
     assert 'offsets' not in base['network_g']
-    assert odm['train']['cooperation'] == 'feature' and odm['network_g']['offsets'] == demo.OFFSETS
-    assert odm['train']['var_opt'] == {'type': 'FeatureVarianceLoss', 'loss_weight': demo.DEFAULT_VAR_WEIGHT,
+    assert odm['train']['cooperation'] == 'feature' and odm['network_g']['offsets'] == recipe.OFFSETS
+    assert odm['train']['var_opt'] == {'type': 'FeatureVarianceLoss', 'loss_weight': recipe.DEFAULT_VAR_WEIGHT,
                                        'reduction': 'channel'}
     for opt in (base, odm):
         assert opt['path']['pretrain_network_g'] == 'experiments/fp/models/net_g_latest.pth'
@@ -71,12 +75,12 @@ def test_demo_comparison_png_has_four_panels(tiny_run):
     out, _ = tiny_run
     img = cv2.imread(str(out / 'comparison_w4.png'))
     assert img is not None
-    panel = demo.CROP * demo.ZOOM
-    assert img.shape == (demo.LABEL_H + panel, demo.PANELS * panel + (demo.PANELS - 1) * demo.GAP, 3)
+    panel = figures.CROP * figures.ZOOM
+    assert img.shape == (figures.LABEL_H + panel, figures.PANELS * panel + (figures.PANELS - 1) * figures.GAP, 3)
     # label strips are white with dark text; the panels differ from each other
-    strip = img[:demo.LABEL_H, :panel]
+    strip = img[:figures.LABEL_H, :panel]
     assert (strip == 255).mean() > 0.5 and strip.min() < 100
-    tiles = [img[demo.LABEL_H:, i * (panel + demo.GAP):i * (panel + demo.GAP) + panel] for i in range(4)]
+    tiles = [img[figures.LABEL_H:, i * (panel + figures.GAP):i * (panel + figures.GAP) + panel] for i in range(4)]
     assert not np.array_equal(tiles[0], tiles[1])
 
 
@@ -146,7 +150,7 @@ def test_demo_data_folder_becomes_paired_dataset(tmp_path):
     cv2.imwrite(str(src / 'tiny.png'), rng.integers(0, 256, (20, 20, 3), dtype=np.uint8))  # too small: skipped
     args = demo.parse_args(['--data', str(src), '--out', str(tmp_path / 'w')])
     messages = []
-    paired = demo.prepare_paired_data(args.hr_images, str(tmp_path / 'w' / 'data_x2'), 2, 64, messages.append)
+    paired = prepare_paired_data(args.hr_images, str(tmp_path / 'w' / 'data_x2'), 2, 64, messages.append)
     assert paired[2] == 2 and any('tiny.png' in m for m in messages)
     hr = cv2.imread(str(tmp_path / 'w' / 'data_x2' / 'HR' / 'a.png'))
     lr = cv2.imread(str(tmp_path / 'w' / 'data_x2' / 'LR_bicubic' / 'X2' / 'a.png'))
@@ -201,7 +205,7 @@ def test_pretrained_skips_the_fp_stage_and_qat_starts_from_it(pretrained_run, fp
     import torch
     import yaml
 
-    from odm_basicsr.compat import load_checkpoint
+    from odm_basicsr.checkpoint import load_checkpoint
 
     out, _ = pretrained_run
     # (a) no FP training run
@@ -241,7 +245,7 @@ def test_pretrained_fp_row_equals_odm_eval_of_the_checkpoint(pretrained_run, fp_
     """(b) the FP row against an independent reference: odm-eval's functions on the val photos written as PNGs."""
     from basicsr.utils import tensor2img
 
-    from odm_basicsr import evaluate
+    from odm_basicsr.network_options import build_network, read_network_options
 
     out, _ = pretrained_run
     fp = json.loads((out / 'results.json').read_text())['stages'][0]
@@ -251,11 +255,11 @@ def test_pretrained_fp_row_equals_odm_eval_of_the_checkpoint(pretrained_run, fp_
     for name, lq, gt in demo.val_pairs(2):
         cv2.imwrite(str(root / 'val' / 'HR' / f'{name}.png'), gt)
         cv2.imwrite(str(root / 'val' / 'LRbicx2' / f'{name}.png'), tensor2img([lq]))
-    net_opt, scale = evaluate.load_net_options(str(fp_files['opt']))
+    net_opt, scale = read_network_options(str(fp_files['opt']))
     assert scale == 2
-    net = evaluate.build_network(net_opt)
-    assert evaluate.load_weights(net, str(fp_files['plain'])) is None  # a plain state dict
-    rows = evaluate.evaluate_set(net.eval(), evaluate.list_pairs(str(root), 'val', 2), 2, 'cpu')
+    net = build_network(net_opt)
+    assert scoring.load_weights(net, str(fp_files['plain'])) is None  # a plain state dict
+    rows = scoring.evaluate_set(net.eval(), scoring.list_pairs(str(root), 'val', 2), 2, 'cpu')
     assert {n: round(p, 4) for n, p, _ in rows} == fp['per_image_psnr']
     assert fp['psnr'] == pytest.approx(sum(r[1] for r in rows) / len(rows), abs=1e-9)
     assert fp['ssim'] == pytest.approx(sum(r[2] for r in rows) / len(rows), abs=1e-9)
@@ -284,7 +288,7 @@ def test_pretrained_checkpoint_kinds_load_as_the_qat_runs_load_them(fp_files, tm
                            base.opt['path']['param_key_g'])
     state = net.state_dict()
     assert all(torch.equal(state[k], v) for k, v in expected.items())
-    fp_net = demo.load_net(fp.opt['network_g'], fp.checkpoint, 'cpu', fp.param_key)
+    fp_net = scoring.load_network(fp.opt['network_g'], fp.checkpoint, 'cpu', fp.param_key)
     assert all(torch.equal(fp_net.state_dict()[k], v) for k, v in expected.items())
     assert not (tmp_path / 'w').exists()  # parsing and planning create nothing
 
@@ -339,7 +343,7 @@ def test_pretrained_flag_errors_stop_before_anything_runs(fp_files, tmp_path, ca
 def test_pretrained_layers_all_is_passed_to_the_qat_stages(fp_files, tmp_path):
     argv = ['--out', str(tmp_path / 'w'), '--layers', 'all']
     args = demo.parse_args(argv)
-    assert args.layers == 'all' and args.pretrained_net is None and args.num_feat == demo.DEFAULT_NUM_FEAT
+    assert args.layers == 'all' and args.pretrained_net is None and args.num_feat == recipe.DEFAULT_NUM_FEAT
     stages = demo.plan_stages(args, demo.train_dataset_opt(args))
     assert 'layers' not in stages[0].opt['network_g']
     assert all(s.opt['network_g']['layers'] == 'all' for s in stages[1:])

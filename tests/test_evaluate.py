@@ -188,7 +188,7 @@ def test_user_errors_exit_2(tmp_path, capsys):
 @pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED_BENCH, 'Set5')), reason='no shared Set5')
 def test_shared_set5_grey_and_colour_images_read(tmp_path):
     """A real Set14 grey image (bridge.png) is read as 3 channels; Set5 runs end to end with a tiny net."""
-    from odm_basicsr.evaluate import read_image
+    from odm_basicsr.scoring import read_image
 
     bridge = os.path.join(SHARED_BENCH, 'Set14', 'HR', 'bridge.png')
     if os.path.isfile(bridge):

@@ -159,8 +159,10 @@ def test_pretrained_start_plans_the_issue_arms(tiny_data, tmp_path):
     try:
         log_dir = tmp_path / 'experiments' / 'odm_default_s0'
         log_dir.mkdir(parents=True)
-        (log_dir / 'train_odm.log').write_text('l_pix: 3.0e-02 coop: 4.0000e-01 agree: 5.0e-01\n'
-                                               'l_pix: 2.0e-02 coop: 2.0000e-01\n')
+        record = [{'event': 'iter', 'iter': 1, 'values': {'l_pix': 3e-2, 'coop': 0.4, 'agree': 0.5}},
+                  {'event': 'val', 'iter': 1, 'metrics': {'psnr': 20.0}},
+                  {'event': 'iter', 'iter': 2, 'values': {'l_pix': 2e-2, 'coop': 0.2}}]
+        (log_dir / 'train_record.jsonl').write_text(''.join(json.dumps(e) + '\n' for e in record))
         stages = {st.name: st for st in (m() for m in makers)}
     finally:
         os.chdir(cwd)
