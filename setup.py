@@ -15,8 +15,11 @@ setup(
     long_description_content_type='text/markdown',
     python_requires='>=3.10,<3.13',
     packages=find_packages(include=['odm_basicsr', 'odm_basicsr.*']),
-    include_package_data=True,
-    package_data={'odm_basicsr': ['options/*.yml']},
+    # the option files (odm_basicsr/options/{train,test}/...), found by odm_basicsr.option_files and
+    # `odm-train --list-options`; MANIFEST.in puts them in the sdist too. Not include_package_data: their folders
+    # would then count as packages without __init__.py (setuptools warns)
+    include_package_data=False,
+    package_data={'odm_basicsr': ['options/**/*.yml']},
     install_requires=[
         'basicsr==1.4.2',  # brings tb-nightly (the tensorboard package); do not add `tensorboard` beside it
         'torch>=2.1',

@@ -36,8 +36,19 @@ def run_pipeline(is_train, argv=None):
     written with them (it is not written) (:class:`odm_basicsr.guards.NonFiniteError`), or a training run that
     diverged (:class:`odm_basicsr.guards.TrainingDivergedError`).
 
+    ``-opt`` takes a file, or the name of an option file packaged with odm-basicsr (``train/demo/...yml``; see
+    :mod:`odm_basicsr.option_files`), used when no file of that path exists. ``--list-options`` prints the packaged
+    names and exits (without importing BasicSR).
+
     Exit status: 0 done, 2 option error, 3 non-finite network / diverged training (others: an unexpected error).
     """
+    from odm_basicsr import option_files
+
+    args = _normalise_argv(sys.argv[1:] if argv is None else list(argv))
+    if '--list-options' in args:
+        sys.stdout.write(option_files.listing())
+        return
+
     import odm_basicsr.plugin  # noqa: F401  (BasicSR fixes + registration first)
     from odm_basicsr.guards import NonFiniteError, TrainingDivergedError
     from odm_basicsr.utils.option_check import OptionError, check_options
@@ -56,14 +67,26 @@ def run_pipeline(is_train, argv=None):
         check_options(opt, is_train)
         return opt, args
 
-    sys.argv = [sys.argv[0]] + _normalise_argv(sys.argv[1:] if argv is None else list(argv))
+    sys.argv = [sys.argv[0]] + args
     opt_index = sys.argv.index('-opt') + 1 if '-opt' in sys.argv else None
-    if opt_index is not None and opt_index < len(sys.argv) and not os.path.isfile(sys.argv[opt_index]):
-        _fail(is_train, f'option file not found: {sys.argv[opt_index]}', 2)
+    if opt_index is not None and opt_index < len(sys.argv):
+        given = sys.argv[opt_index]
+        found = option_files.resolve(given)
+        if found is None:
+            _fail(is_train, f'option file not found: {given} (the packaged ones: '
+                  f'{"odm-train" if is_train else "odm-test"} --list-options)', 2)
+        if found != given:
+            print(f'{"odm-train" if is_train else "odm-test"}: packaged option file {found}', file=sys.stderr,
+                  flush=True)
+            sys.argv[opt_index] = found
     pipeline_module.parse_options = parse_and_check
     try:
         run = pipeline_module.train_pipeline if is_train else pipeline_module.test_pipeline
         run(os.getcwd())
+    except SystemExit:
+        if '-h' in args or '--help' in args:
+            print('\npackaged option files: --list-options prints their names, which -opt accepts')
+        raise
     except OptionError as e:
         _fail(is_train, e, 2)
     except (NonFiniteError, TrainingDivergedError) as e:

@@ -153,13 +153,17 @@ def _patch_base_model():
 
     def model_ema(self, decay=0.999):
         """EMA of parameters, plus a copy of every buffer (BasicSR 1.4.2 averages parameters only)."""
+        from odm_basicsr.quant.offsets import DistributionOffset
+
         net_g = self.get_bare_model(self.net_g)
         src_modules = dict(net_g.named_modules())
         # offsets attached to net_g (at ODM calibration) appear in net_g_ema too, starting at net_g's values
         fresh = [f'{name}.offset.' for name in ensure_offsets_like(self.net_g_ema, net_g)]
-        # quantizers initialised in net_g after net_g_ema was copied: their average starts now
-        for name, q in self.net_g_ema.named_modules():
-            if isinstance(q, ActQuantizer) and not bool(q.initialized) and bool(src_modules[name].initialized):
+        # quantizers initialised in net_g after net_g_ema was copied: their average starts now (the flags are read
+        # from their Python mirrors: no host sync per quantizer per EMA step)
+        ema_quantizers = [(name, q) for name, q in self.net_g_ema.named_modules() if isinstance(q, ActQuantizer)]
+        for name, q in ema_quantizers:
+            if not q.is_initialized and src_modules[name].is_initialized:
                 fresh.append(f'{name}.')
         src_params = dict(net_g.named_parameters())
         src_buffers = dict(net_g.named_buffers())
@@ -171,6 +175,11 @@ def _patch_base_model():
                     p.mul_(decay).add_(src_params[k], alpha=1 - decay)
             for k, b in self.net_g_ema.named_buffers():
                 b.copy_(src_buffers[k])
+            for name, q in ema_quantizers:  # the buffers were copied: their Python mirrors follow
+                q.set_initialized(src_modules[name].is_initialized)
+            for name, off in self.net_g_ema.named_modules():
+                if isinstance(off, DistributionOffset):
+                    off.set_folded(src_modules[name].is_folded)
 
     @master_only
     def save_network(self, net, net_label, current_iter, param_key='params'):

@@ -8,7 +8,7 @@ JSON line per configuration and a Markdown table; ``--json`` writes them all.
 
 Example (RLFN, the published network; about 15 minutes on 2 CPU cores)::
 
-    python scripts/calibration_study.py --opt options/test/RLFN/test_RLFN_x4.yml \\
+    python scripts/calibration_study.py --opt odm_basicsr/options/test/RLFN/test_RLFN_x4.yml \\
         --checkpoint ../shared/data/pretrained/RLFN_cut_x4_ntire22.pth --json calib.json
 """
 # ruff: noqa: I001

@@ -52,7 +52,7 @@ BENCHMARKS = ('Set5', 'Set14')
 TIE_DB = 0.05  # with one seed, |delta| below this is a tie
 
 DEFAULT_DATA = os.path.join('..', 'shared', 'data')
-DEFAULT_RLFN_OPT = os.path.join('options', 'test', 'RLFN', 'test_RLFN_x4.yml')
+DEFAULT_RLFN_OPT = os.path.join('odm_basicsr', 'options', 'test', 'RLFN', 'test_RLFN_x4.yml')
 DEFAULT_RLFN_CKPT = os.path.join(DEFAULT_DATA, 'pretrained', 'RLFN_cut_x4_ntire22.pth')
 DEFAULT_RLFN_QAT_ITERS = 200
 DEFAULT_EDSR_FEAT = 64

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# GPU smoke test: a few iterations of options/train/ODM/train_ODM_EDSR_W2A2_x4.yml on one CUDA GPU, adapted to the
-# embedded photos (EmbeddedSRDataset train/val; no DIV2K, no FP checkpoint: the quantized EDSR starts from random
-# init, which is enough for a speed check), once with AMP off and once with train.amp: float16 (ODMModel's
-# mixed precision: autocast + gradient scaler). Prints iterations per second of each and their ratio, as a table
+# GPU smoke test: a few iterations of odm_basicsr/options/train/ODM/train_ODM_EDSR_W2A2_x4.yml on one CUDA GPU,
+# adapted to the embedded photos (EmbeddedSRDataset train/val; no DIV2K, no FP checkpoint: the quantized EDSR
+# starts from random init, which is enough for a speed check), once with AMP off and once with train.amp: float16
+# (ODMModel's mixed precision: autocast + gradient scaler). Prints iterations per second of each and their ratio, as a table
 # and as one JSON line.
 # Exits 0 with a message when torch sees no CUDA device, unless GPU_SMOKE_DEVICE=cpu, which runs the same path on
 # the CPU with tiny patches and AMP bfloat16 (for the test suite; CPU timings mean nothing here).
@@ -32,7 +32,7 @@ import yaml
 
 work, iters, device = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 gpu = device == 'cuda'
-with open('options/train/ODM/train_ODM_EDSR_W2A2_x4.yml', encoding='utf-8') as f:
+with open('odm_basicsr/options/train/ODM/train_ODM_EDSR_W2A2_x4.yml', encoding='utf-8') as f:
     base = yaml.safe_load(f)
 results = []
 for amp in (False, 'float16' if gpu else 'bfloat16'):
@@ -92,7 +92,7 @@ print('|---|---|---|---|---|')
 for r in results:
     print(f"| {r['amp']} | {r['it_per_s']} | {r['s_per_iter']} | {r['wall_s']} | {r['final_psnr']} |")
 print(f'\nAMP speed-up (it/s ratio): {ratio}')
-print(json.dumps({'device': name, 'option_file': 'options/train/ODM/train_ODM_EDSR_W2A2_x4.yml',
+print(json.dumps({'device': name, 'option_file': 'odm_basicsr/options/train/ODM/train_ODM_EDSR_W2A2_x4.yml',
                   'runs': results, 'amp_speedup': ratio}))
 PYEOF
 echo "gpu_smoke: consoles and options in $WORK"

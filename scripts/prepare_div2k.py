@@ -10,7 +10,7 @@ Input (the DIV2K download, images 0001-0800)::
     <root>/DIV2K_train_HR/0001.png ...
     <root>/DIV2K_train_LR_bicubic/X2/0001x2.png ...   (X3, X4 alike)
 
-Output (what ``options/train/ODM/*.yml`` read)::
+Output (what ``odm_basicsr/options/train/ODM/*.yml`` read)::
 
     <root>/DIV2K_train_HR_sub/0001_s001.png ...                  480 x 480 crops, step 240
     <root>/DIV2K_train_LR_bicubic/X{s}_sub/0001_s001.png ...     crop and step divided by s

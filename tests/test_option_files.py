@@ -1,4 +1,5 @@
-"""The paper-recipe option files ``options/{train,test}/ODM/*.yml`` (written by ``scripts/make_option_files.py``).
+"""The paper-recipe option files ``odm_basicsr/options/{train,test}/ODM/*.yml`` (package data, written by
+``scripts/make_option_files.py``).
 
 Each file is read by BasicSR's own ``parse_options`` (in a temporary working directory), passes
 ``check_options`` once the data folders and checkpoint it names exist there (and fails only on exactly those
@@ -24,7 +25,8 @@ from odm_basicsr.utils.option_check import OptionError, check_options
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = re.compile(r'^(train|test)_(ODM|QAT)_(EDSR|RDN|SRResNet)_W([234])A\4_x([24])\.yml$')
-FILES = sorted(p for d in ('options/train/ODM', 'options/test/ODM') for p in (REPO / d).glob('*.yml'))
+OPTIONS = REPO / 'odm_basicsr' / 'options'
+FILES = sorted(p for d in ('train/ODM', 'test/ODM') for p in (OPTIONS / d).glob('*.yml'))
 IDS = [p.name for p in FILES]
 FP_PARAMS = {  # parameter counts of the FP networks (rdn_arch.py / srresnet_bn_arch.py docstrings; EDSR counted)
     ('RDN', 2): 22_123_395, ('RDN', 4): 22_271_107, ('SRResNet', 2): 1_399_314, ('SRResNet', 4): 1_546_771,
@@ -176,7 +178,7 @@ NETWORKS = sorted({(m, a, int(b), int(s)) for m, a, b, s in (NAME.match(p.name).
 
 @pytest.mark.parametrize('method,arch,bits,scale', NETWORKS, ids=['_'.join(map(str, n)) for n in NETWORKS])
 def test_network_builds(method, arch, bits, scale, fast_builds):
-    path = REPO / 'options' / 'train' / 'ODM' / f'train_{method}_{arch}_W{bits}A{bits}_x{scale}.yml'
+    path = OPTIONS / 'train' / 'ODM' / f'train_{method}_{arch}_W{bits}A{bits}_x{scale}.yml'
     with open(path, encoding='utf-8') as f:
         network_opt = yaml.load(f, Loader=ordered_yaml()[0])['network_g']
     net = ARCH_REGISTRY.get('Quantized')(**{k: v for k, v in network_opt.items() if k != 'type'})

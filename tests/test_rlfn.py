@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / 'shared' / 'data'
 CKPT = SHARED / 'pretrained' / 'RLFN_cut_x4_ntire22.pth'
 BENCH = SHARED / 'benchmark'
-OPT = REPO / 'options' / 'test' / 'RLFN' / 'test_RLFN_x4.yml'
+OPT = REPO / 'odm_basicsr' / 'options' / 'test' / 'RLFN' / 'test_RLFN_x4.yml'
 TINY = dict(num_feat=8, mid_feat=6, num_block=2, esa_feat=4)
 # measured with the original code on these files (pretrained/README.md): (PSNR dB, SSIM), Y channel, border 4
 TARGET = {'Set5': (32.0983, 0.8939), 'Set14': (28.6031, 0.7815)}

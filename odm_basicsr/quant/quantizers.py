@@ -214,9 +214,32 @@ class ActQuantizer(nn.Module):
         self.lower_raw = nn.Parameter(torch.tensor(0.0), requires_grad=learnable)
         self.upper_raw = nn.Parameter(torch.tensor(1.0), requires_grad=learnable)
         self.register_buffer('range_scale', torch.tensor(1.0))
-        self.register_buffer('initialized', torch.tensor(False))
+        self.register_buffer('initialized', torch.tensor(False))  # the state-dict truth
+        self._initialized = False  # its Python mirror: forward reads this, no device sync per layer per step
         self.calibrating = False
         self._calib_stats = []
+
+    @property
+    def is_initialized(self):
+        """bool: Whether the range has been set (by calibration, :meth:`set_range`, a loaded state dict or the
+        first batch). Read without a device sync; the ``initialized`` buffer holds the same value for the state
+        dict. Change it with :meth:`set_initialized` (or :meth:`set_range`), never by writing the buffer."""
+        return self._initialized
+
+    def set_initialized(self, value=True):
+        """Mark the range set (True) or to be set again from data (False: by the next calibration, or else the
+        first batch the quantizer sees). Keeps the buffer and its mirror equal."""
+        self._initialized = bool(value)
+        self.initialized.fill_(self._initialized)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._initialized = bool(self.initialized)  # one sync per quantizer per load, not per step
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if '_initialized' not in self.__dict__:  # a whole module pickled before the mirror existed
+            self._initialized = bool(self.initialized)
 
     @property
     def lower(self):
@@ -265,7 +288,7 @@ class ActQuantizer(nn.Module):
         self.range_scale.fill_(scale)
         self.lower_raw.fill_(lower / scale)
         self.upper_raw.fill_(upper / scale)
-        self.initialized.fill_(True)
+        self.set_initialized(True)
 
     def start_calibration(self):
         self.calibrating = True
@@ -285,7 +308,7 @@ class ActQuantizer(nn.Module):
         if self.calibrating:  # record and pass through: what the next layers see is set by calibration()
             self._calib_stats.append(self.batch_range(x))
             return x
-        if not self.initialized:
+        if not self._initialized:  # the mirror: `not self.initialized` would sync with the device every step
             stats = _all_reduce_mean(self.batch_range(x).to(self.range_scale.device))
             self.set_range(stats[0], stats[1])
         lower, upper = self.bounds()

@@ -78,7 +78,7 @@ def attach_offsets(model, selection, stats, min_rho=MIN_RHO, reset_act_range=Tru
         offset = _new_offset(layer, name, kind)
         offset.init_from_stats(s.mean(), s.std(), min_rho)
         if reset_act_range and layer.act_quant is not None:
-            layer.act_quant.initialized.fill_(False)
+            layer.act_quant.set_initialized(False)
         created[name] = offset
     return created
 
