@@ -9,10 +9,10 @@ Usage::
 Naming: ``{train,test}_{ODM,QAT}_{EDSR,RDN,SRResNet}_W{b}A{b}_x{s}.yml`` with b in 4, 3, 2 and s in 2, 4; the
 experiment ``name`` is the file name without ``train_`` / ``test_`` and ``.yml`` (``ODM_EDSR_W2A2_x4``).
 
-* ``ODM``: ``model_type: ODMModel``, ``cooperation: feature``, the variance regulariser ``var_opt`` and
+* ``ODM``: ``model_type: ODMModel``, ``cooperation: feature``, the variance regulariser ``reg_opt`` and
   distribution offsets ``network_g.offsets`` (METHOD.md 2, 4).
 * ``QAT``: the plain QAT baseline: the same model, quantizer, recipe and data with ``cooperation: off``, no
-  ``var_opt`` and no offsets (METHOD.md 4.2).
+  ``reg_opt`` and no offsets (METHOD.md 4.2).
 * Recipe (METHOD.md 5): DIV2K 1-800 sub-images (``scripts/prepare_div2k.py``), 60K iterations, batch 8, Adam lr
   1e-4 halved at 15K/30K/45K, L1, HR patch 96 (x2) / 192 (x4), flips and rotations, from the FP network
   ``pretrained/<arch>_x<s>_fp.pth`` (``scripts/convert_edsr_pytorch.py`` or your own FP training); validation
@@ -211,9 +211,9 @@ def train_options(method, arch, bits, scale):
     }
     if method == 'ODM':
         train['cooperation'] = 'feature'
-        train['var_opt'] = Comment(
+        train['reg_opt'] = Comment(
             Flow(type='FeatureVarianceLoss', loss_weight=LAMBDA_VAR[arch], reduction='channel'),
-            'lambda_var = var_opt.loss_weight, not given by the paper (METHOD.md 4.1): tune it here', above=True)
+            'lambda_var = reg_opt.loss_weight, not given by the paper (METHOD.md 4.1): tune it here', above=True)
     else:
         train['cooperation'] = Comment('off', 'plain QAT: no variance regulariser, no offsets')
     train['quant_lr_mult'] = 1.0
