@@ -31,6 +31,8 @@ import sys
 import yaml
 from basicsr.utils.options import ordered_yaml
 
+from odm_basicsr.utils.schema import yaml_text as format_scalar  # one line of YAML per scalar, list or flow mapping
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_DIR = os.path.join('options', 'train', 'ODM')
 TEST_DIR = os.path.join('options', 'test', 'ODM')
@@ -81,39 +83,7 @@ class Comment:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# a small YAML writer (block mappings, flow lists, BasicSR-friendly scalars)
-
-
-def format_float(x):
-    """Plain decimals (``0.5``, ``255.0``); ``!!float 1e-4`` for small values (PyYAML reads ``1e-4`` as text)."""
-    if x != 0 and abs(x) < 1e-3:
-        mantissa, exponent = f'{x:e}'.split('e')
-        mantissa = mantissa.rstrip('0').rstrip('.')
-        return f'!!float {mantissa}e{int(exponent)}'
-    text = repr(float(x))
-    if 'e' in text or 'inf' in text or 'nan' in text:
-        raise ValueError(f'cannot write {x!r} as a plain decimal')
-    return text
-
-
-def format_scalar(v):
-    if v is None:
-        return '~'
-    if isinstance(v, bool):
-        return 'true' if v else 'false'
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        return format_float(v)
-    if isinstance(v, (list, tuple)):
-        return '[' + ', '.join(format_scalar(x) for x in v) + ']'
-    if isinstance(v, Flow):
-        return '{' + ', '.join(f'{k}: {format_scalar(x)}' for k, x in v.items()) + '}'
-    if isinstance(v, str):
-        plain = v and v.strip() == v and not any(c in v for c in ':#{}[],&*!|>\'"%@`') \
-            and yaml.safe_load(v) == v
-        return v if plain else "'" + v.replace("'", "''") + "'"
-    raise TypeError(f'cannot write {type(v).__name__}')
+# a small YAML writer (block mappings; flow lists and BasicSR-friendly scalars: format_scalar)
 
 
 def to_yaml(node, indent=0):

@@ -20,38 +20,27 @@ from odm_basicsr.option_schema import (
     update_readme,
 )
 from odm_basicsr.quant import add_offsets, select_offset_layers
+from odm_basicsr.utils import schema as sc
 from odm_basicsr.utils.option_check import OptionError, check_options
-from odm_basicsr.utils.schema import (
-    REQUIRED,
-    AnyOf,
-    Boolean,
-    Field,
-    Integer,
-    Mapping,
-    Number,
-    OneOf,
-    Patterns,
-    Rule,
-    Section,
-)
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 # ------------------------------------------------------------------------------------------------ the machinery
 def _toy():
-    inner = Section([Field('n', Integer(1), 2, 'count'), Field('how', OneOf(('a', 'b')), 'a', 'which')])
-    return Section([
-        Field('size', Number(0, open_min=True), REQUIRED, 'a size'),
-        Field('flag', Boolean(), False, 'a flag'),
-        Field('mode', OneOf(('x', 'off'), aliases={False: 'off'}), 'x', 'a mode'),
-        Field('names', AnyOf(None, Patterns()), None, 'some names'),
-        Field('spec', AnyOf(None, Mapping(required=('type',))), None, 'a spec', renamed_from=('old_spec',)),
-        Field('inner', inner, {}, 'nested'),
-        Field('extra', Section([Field('k', Number(0, 1), 0.5, 'k')], coerce={True: {}, False: None, None: None}),
-              None, 'optional nested'),
-    ], rules=[Rule('flag needs a spec', lambda v, label: f'{label("flag")} needs {label("spec")}'
-                   if v['flag'] and v['spec'] is None else None)],
+    inner = sc.Section([sc.Field('n', sc.Integer(1), 2, 'count'),
+                        sc.Field('how', sc.OneOf(('a', 'b')), 'a', 'which')])
+    return sc.Section([
+        sc.Field('size', sc.Number(0, open_min=True), sc.REQUIRED, 'a size'),
+        sc.Field('flag', sc.Boolean(), False, 'a flag'),
+        sc.Field('mode', sc.OneOf(('x', 'off'), aliases={False: 'off'}), 'x', 'a mode'),
+        sc.Field('names', sc.AnyOf(None, sc.Patterns()), None, 'some names'),
+        sc.Field('spec', sc.AnyOf(None, sc.Mapping(required=('type',))), None, 'a spec', renamed_from=('old_spec',)),
+        sc.Field('inner', inner, {}, 'nested'),
+        sc.Field('extra', sc.Section([sc.Field('k', sc.Number(0, 1), 0.5, 'k')],
+                                     coerce={True: {}, False: None, None: None}), None, 'optional nested'),
+    ], rules=[sc.Rule('flag needs a spec', lambda v, label: f'{label("flag")} needs {label("spec")}'
+                      if v['flag'] and v['spec'] is None else None)],
         passthrough=('theirs',), passthrough_doc="someone else's", owner='Toy')
 
 
@@ -96,7 +85,7 @@ def test_documentation_comes_from_the_fields():
     table = _toy().markdown('top.')
     assert table.splitlines()[:3] == ['| option | type | default | description |', '|---|---|---|---|',
                                       '| `top.size` | number > 0 | required | a size |']
-    assert '| `top.mode` | `x` \\| `off` | `x` | a mode |' in table
+    assert "| `top.mode` | `x` \\| `'off'` | `x` | a mode |" in table
     assert '| `top.inner.n` | int >= 1 | `2` | count |' in table
     assert '| `top.extra.k` | number in [0, 1] | `0.5` | k |' in table
     assert table.endswith('Checked together:\n- flag needs a spec')

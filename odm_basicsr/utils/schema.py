@@ -41,17 +41,38 @@ class Invalid(Exception):
         self.expect, self.problem, self.key = expect, problem, key
 
 
+def _yaml_float(x):
+    """Plain decimals (``0.5``, ``255.0``); ``!!float 1e-4`` for small values (PyYAML reads ``1e-4`` as text)."""
+    if x != 0 and abs(x) < 1e-3:
+        mantissa, exponent = f'{x:e}'.split('e')
+        return f'!!float {mantissa.rstrip("0").rstrip(".")}e{int(exponent)}'
+    text = repr(float(x))
+    if 'e' in text or 'inf' in text or 'nan' in text:
+        raise ValueError(f'cannot write {x!r} as a plain decimal')
+    return text
+
+
 def yaml_text(value):
-    """``value`` as it is written in an option file (``~``, ``true``, ``1.0e-4`` ...)."""
+    """``value`` as an option file writes it, on one line (``~``, ``true``, ``!!float 1e-4``, ``'off'``,
+    ``[1, 2]``, ``{a: 1}``), such that BasicSR's YAML loader reads it back as ``value``."""
     if value is None:
         return '~'
     if isinstance(value, bool):
         return 'true' if value else 'false'
-    if isinstance(value, dict):
-        return '{' + ', '.join(f'{k}: {yaml_text(v)}' for k, v in value.items()) + '}'
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return _yaml_float(value)
     if isinstance(value, (list, tuple)):
-        return '[' + ', '.join(yaml_text(v) for v in value) + ']'
-    return str(value)
+        return '[' + ', '.join(yaml_text(x) for x in value) + ']'
+    if isinstance(value, dict):
+        return '{' + ', '.join(f'{k}: {yaml_text(x)}' for k, x in value.items()) + '}'
+    if isinstance(value, str):
+        import yaml
+        plain = value and value.strip() == value and not any(c in value for c in ':#{}[],&*!|>\'"%@`') \
+            and yaml.safe_load(value) == value
+        return value if plain else "'" + value.replace("'", "''") + "'"
+    raise TypeError(f'cannot write {type(value).__name__}')
 
 
 def quoted_list(names):
