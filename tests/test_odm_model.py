@@ -101,8 +101,10 @@ def test_param_level_modes_match_their_definition(mode):
         total = sum(float(v.abs().sum()) for v in g_v if v is not None)
         assert model.log_dict['coop'] == pytest.approx(applied / total, rel=1e-4)
     else:
-        expected, weight, _ = cosine_combine(g_r, g_v)
+        expected, weight, cosine = cosine_combine(g_r, g_v)
         assert model.log_dict['coop'] == pytest.approx(float(weight), abs=1e-6)
+        assert model.log_dict['cos_weight'] == model.log_dict['coop']  # the weight under its own key too
+        assert model.log_dict['cos'] == pytest.approx(float(cosine), abs=1e-6)
     for a, b in zip(grads, expected):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
     assert model.log_dict['l_reg'] > 0

@@ -211,3 +211,14 @@ def test_odm_train_schema_holds_every_key_odm_model_reads():
     assert set(ODM_TRAIN.fields) == {'cooperation', 'reg_opt', 'quant_lr_mult', 'calibration', 'log_layer_freq',
                                      'amp', 'max_nonfinite_steps'}
     assert ODM_TRAIN.keys() >= {'var_opt', 'total_iter', 'pixel_opt', 'optim_g'}
+
+
+def test_schema_and_feature_recorder_import_without_basicsr():
+    """The declarations, the machinery and the recorder are plain Python / PyTorch (BasicSR only where it runs)."""
+    import sys
+    code = ('import sys\n'
+            'import odm_basicsr.option_schema, odm_basicsr.utils.schema, odm_basicsr.odm.feature_recorder\n'
+            'bad = [m for m in ("basicsr", "cv2", "scipy") if m in sys.modules]\n'
+            'assert not bad, bad\n')
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
