@@ -9,10 +9,12 @@ section of a model class with an ``option_schema`` (``ODMModel``). In BasicSR's 
 like a misspelling of a known key are errors; other unknown keys (options of other BasicSR plugins' models) are
 allowed.
 """
+# ruff: noqa: I001  (the plugin before BasicSR)
 import difflib
 import os
 import re
 
+import odm_basicsr.plugin  # noqa: F401  (BasicSR fixes, and the registries the checks look into, first)
 from basicsr.utils.registry import ARCH_REGISTRY, DATASET_REGISTRY, LOSS_REGISTRY, METRIC_REGISTRY, MODEL_REGISTRY
 
 from odm_basicsr.option_schema import BASICSR_KEYS

@@ -3,7 +3,7 @@ from which both the validation and the documentation (Markdown tables, docstring
 
 traiNNer-redux's idea (one strict, typed, described configuration schema) in plain Python, without a dependency:
 
-* a :class:`Section` is a mapping of fields; a strict one rejects any other key with a "did you mean" hint and the
+* a :class:`Section` is a mapping of fields; it rejects any other key with a "did you mean" hint and the
   list of the keys it accepts (``passthrough`` names keys owned by someone else, e.g. BasicSR's own ``train``
   keys, that are let through unchecked);
 * a kind (:class:`Integer`, :class:`Number`, :class:`Boolean`, :class:`OneOf`, :class:`Patterns`,
@@ -97,13 +97,6 @@ class Kind:
 
     def check(self, value):
         return value
-
-    def is_valid(self, value):
-        try:
-            self.check(value)
-        except Invalid:
-            return False
-        return True
 
 
 def _is_number(value):
@@ -264,12 +257,12 @@ class Rule:
 
 
 class Section(Kind):
-    """A mapping of :class:`Field` s (itself a kind, so sections nest).
+    """A strict mapping of :class:`Field` s (itself a kind, so sections nest): any other key is an error, except
+    the ``passthrough`` ones.
 
     Args:
         fields (list[Field]): The options, in documentation order.
         rules (list[Rule]): Combinations checked after the fields. Default: ().
-        strict (bool): Reject keys that are neither fields nor ``passthrough``. Default: True.
         passthrough (Iterable[str]): Keys owned by someone else, let through unchecked. Default: ().
         passthrough_doc (str): Whose they are, for messages ("accepts only BasicSR's keys and ..."). Default:
             'other'.
@@ -279,10 +272,10 @@ class Section(Kind):
         doc (str): Name of the kind in the documentation. Default: 'mapping'.
     """
 
-    def __init__(self, fields, rules=(), strict=True, passthrough=(), passthrough_doc='other', owner=None, coerce=None,
+    def __init__(self, fields, rules=(), passthrough=(), passthrough_doc='other', owner=None, coerce=None,
                  doc='mapping'):
         self.fields = {f.name: f for f in fields}
-        self.rules, self.strict, self.passthrough = tuple(rules), strict, frozenset(passthrough)
+        self.rules, self.passthrough = tuple(rules), frozenset(passthrough)
         self.passthrough_doc = passthrough_doc
         self.owner, self.coerce, self.doc = owner, dict(coerce or {}), doc
         self.old_names = {old: f for f in fields for old in f.renamed_from}
@@ -332,7 +325,7 @@ class Section(Kind):
                                f'such{f.rename_note}. Rename it in the option file.')
         accepted = set(self.fields) | set(self.passthrough)
         for key in values:
-            if key not in accepted and self.strict:
+            if key not in accepted:
                 raise OptionError(self.unknown_message(key, where))
         out = {k: v for k, v in values.items() if k not in self.fields}
         for name, f in self.fields.items():
