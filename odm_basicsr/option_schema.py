@@ -27,6 +27,8 @@ from odm_basicsr.quant.quantizers import (
     WEIGHT_GRANULARITIES,
     WEIGHT_GRIDS,
     WEIGHT_RANGE_METHODS,
+    default_act_init,
+    default_weight_range,
 )
 from odm_basicsr.utils.schema import (
     REQUIRED,
@@ -96,6 +98,20 @@ def _clip_correction_needs_weights(values, label):
     return None
 
 
+def _percentile_is_used(values, label):
+    """A percentile option that differs from its default must have a percentile statistic to act on."""
+    weight_range = values['weight_range'] if values['weight_range'] not in (None, 'auto') else default_weight_range(
+        values['w_bits'], values['clip_correction'])
+    act_init = values['act_init'] if values['act_init'] != 'auto' else default_act_init(values['a_bits'])
+    for key, bits, statistic, what in (('weight_percentile', 'w_bits', weight_range, 'weight_range'),
+                                       ('act_percentile', 'a_bits', act_init, 'act_init')):
+        if values[key] != QUANTIZED_DEFAULTS[key] and values[bits] != FP_BITS and statistic != 'percentile':
+            return (f'{label(key)} = {values[key]} is used only with a percentile statistic, but {what} is '
+                    f'{statistic!r} here ({bits} {values[bits]}, {what}: {values[what]!r}'
+                    f'{", clip_correction" if key == "weight_percentile" and values["clip_correction"] else ""})')
+    return None
+
+
 def _offsets_need_activations(values, label):
     if values['offsets'] is not None and values['a_bits'] == FP_BITS:
         return (f'{label("offsets")} need quantized activations (a_bits 2..8): an offset normalises the input '
@@ -157,8 +173,12 @@ QUANTIZED = Section([
     Field('output_bits', _bits(fp=False), 8, 'Bits of the output quantizers.'),
 ], rules=[
     Rule('`clip_correction` needs quantized weights (`w_bits` 2..8).', _clip_correction_needs_weights),
+    Rule('`weight_percentile` / `act_percentile` other than 99 need a percentile statistic: `weight_range: '
+         'percentile`, or `~` / `auto` where that resolves to it (3-5 bits, or with `clip_correction`); '
+         '`act_init: percentile`, or `auto` at 4-5 bits.', _percentile_is_used),
     Rule('`offsets` need quantized activations (`a_bits` 2..8).', _offsets_need_activations),
 ], owner='Quantized')
+QUANTIZED_DEFAULTS = {name: f.default for name, f in QUANTIZED.fields.items()}
 
 
 # ----------------------------------------------------------------------------------------------- train: ODMModel

@@ -139,9 +139,30 @@ def test_quantized_defaults_are_the_built_networks():
     assert net.quant_config['offsets'] == {'select': 'topk', 'fraction': 0.25, 'threshold': None, 'kind': 'auto'}
 
 
+@pytest.mark.parametrize('options,statistic', [
+    (dict(w_bits=2, weight_percentile=95, clip_correction=True), ('weight', 'percentile')),
+    (dict(w_bits=4, weight_percentile=95), ('weight', 'percentile')),
+    (dict(w_bits=2, weight_percentile=95, weight_range='percentile'), ('weight', 'percentile')),
+    (dict(w_bits=32, weight_percentile=95), ('weight', None)),
+    (dict(a_bits=4, act_percentile=95), ('act', 'percentile')),
+    (dict(a_bits=2, act_percentile=95, act_init='percentile'), ('act', 'percentile')),
+])
+def test_percentiles_with_the_statistics_that_use_them(options, statistic):
+    layer = build_network(dict(type='Quantized', arch=dict(type='EDSR', **TINY['EDSR'](2)), **options)).body[0].conv1
+    which, expected = statistic
+    if which == 'weight':
+        assert (layer.weight_quant.range_method if layer.weight_quant is not None else None) == expected
+    else:
+        assert layer.act_quant.init == expected
+
+
 @pytest.mark.parametrize('options,message', [
     (dict(w_bits=32, clip_correction=True), '^clip_correction needs quantized weights'),
     (dict(a_bits=32, offsets={'fraction': 0.5}), '^offsets need quantized activations'),
+    (dict(w_bits=2, weight_percentile=95), "^weight_percentile = 95 is used only with a percentile statistic, but "
+                                           r"weight_range is 'mse' here \(w_bits 2, weight_range: None\)$"),
+    (dict(a_bits=2, act_percentile=95.0), "^act_percentile = 95.0 is used only with a percentile statistic, but "
+                                          r"act_init is 'mse' here \(a_bits 2, act_init: 'auto'\)$"),
     (dict(offsets={'select': 'threshold'}), 'offsets.threshold must be a number >= 0 when select is "threshold"'),
     (dict(offsets={'fraction': 2}), r'^offsets.fraction must be a number in \[0, 1\], got 2$'),
     (dict(offsets={'kind': 'both'}), r"^offsets.kind must be one of \['auto', 'shift', 'scale'\], got 'both'$"),
