@@ -11,10 +11,10 @@ experiment ``name`` is the file name without ``train_`` / ``test_`` and ``.yml``
 they are found by name: ``odm-train -opt train/ODM/train_ODM_EDSR_W2A2_x4.yml`` (``odm-train --list-options``).
 The paths inside them are relative to the working directory (BasicSR reads them so), not to the file.
 
-* ``ODM``: ``model_type: ODMModel``, ``cooperation: feature``, the variance regulariser ``var_opt`` and
+* ``ODM``: ``model_type: ODMModel``, ``cooperation: feature``, the variance regulariser ``reg_opt`` and
   distribution offsets ``network_g.offsets`` (METHOD.md 2, 4).
 * ``QAT``: the plain QAT baseline: the same model, quantizer, recipe and data with ``cooperation: off``, no
-  ``var_opt`` and no offsets (METHOD.md 4.2).
+  ``reg_opt`` and no offsets (METHOD.md 4.2).
 * Recipe (METHOD.md 5): DIV2K 1-800 sub-images (``scripts/prepare_div2k.py``), 60K iterations, batch 8, Adam lr
   1e-4 halved at 15K/30K/45K, L1, HR patch 96 (x2) / 192 (x4), flips and rotations, from the FP network
   ``pretrained/<arch>_x<s>_fp.pth`` (``scripts/convert_edsr_pytorch.py`` or your own FP training); validation
@@ -32,6 +32,8 @@ import sys
 
 import yaml
 from basicsr.utils.options import ordered_yaml
+
+from odm_basicsr.utils.schema import yaml_text as format_scalar  # one line of YAML per scalar, list or flow mapping
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPTIONS_DIR = os.path.join('odm_basicsr', 'options')  # package data (setup.py's package_data)
@@ -84,39 +86,7 @@ class Comment:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# a small YAML writer (block mappings, flow lists, BasicSR-friendly scalars)
-
-
-def format_float(x):
-    """Plain decimals (``0.5``, ``255.0``); ``!!float 1e-4`` for small values (PyYAML reads ``1e-4`` as text)."""
-    if x != 0 and abs(x) < 1e-3:
-        mantissa, exponent = f'{x:e}'.split('e')
-        mantissa = mantissa.rstrip('0').rstrip('.')
-        return f'!!float {mantissa}e{int(exponent)}'
-    text = repr(float(x))
-    if 'e' in text or 'inf' in text or 'nan' in text:
-        raise ValueError(f'cannot write {x!r} as a plain decimal')
-    return text
-
-
-def format_scalar(v):
-    if v is None:
-        return '~'
-    if isinstance(v, bool):
-        return 'true' if v else 'false'
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        return format_float(v)
-    if isinstance(v, (list, tuple)):
-        return '[' + ', '.join(format_scalar(x) for x in v) + ']'
-    if isinstance(v, Flow):
-        return '{' + ', '.join(f'{k}: {format_scalar(x)}' for k, x in v.items()) + '}'
-    if isinstance(v, str):
-        plain = v and v.strip() == v and not any(c in v for c in ':#{}[],&*!|>\'"%@`') \
-            and yaml.safe_load(v) == v
-        return v if plain else "'" + v.replace("'", "''") + "'"
-    raise TypeError(f'cannot write {type(v).__name__}')
+# a small YAML writer (block mappings; flow lists and BasicSR-friendly scalars: format_scalar)
 
 
 def to_yaml(node, indent=0):
@@ -220,9 +190,9 @@ def train_options(method, arch, bits, scale):
     }
     if method == 'ODM':
         train['cooperation'] = 'feature'
-        train['var_opt'] = Comment(
+        train['reg_opt'] = Comment(
             Flow(type='FeatureVarianceLoss', loss_weight=LAMBDA_VAR[arch], reduction='channel'),
-            'lambda_var = var_opt.loss_weight, not given by the paper (METHOD.md 4.1): tune it here', above=True)
+            'lambda_var = reg_opt.loss_weight, not given by the paper (METHOD.md 4.1): tune it here', above=True)
     else:
         train['cooperation'] = Comment('off', 'plain QAT: no variance regulariser, no offsets')
     train['quant_lr_mult'] = 1.0

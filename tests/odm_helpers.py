@@ -4,7 +4,7 @@ import copy
 TINY_EDSR = {'type': 'EDSR', 'num_in_ch': 3, 'num_out_ch': 3, 'num_feat': 8, 'num_block': 2, 'upscale': 2}
 
 
-def odm_opt(mode='feature', weight=1e-4, offsets=None, lr=1e-3, mult=1.0, reduction='channel', var_type=None):
+def odm_opt(mode='feature', weight=1e-4, offsets=None, lr=1e-3, mult=1.0, reduction='channel', reg_type=None):
     """An in-process ODMModel option dict, as BasicSR's parse_options would return it."""
     train = {'name': 'emb', 'type': 'EmbeddedSRDataset', 'phase': 'train', 'scale': 2, 'split': 'train',
              'gt_size': 16, 'use_hflip': False, 'use_rot': False, 'batch_size_per_gpu': 2,
@@ -22,9 +22,9 @@ def odm_opt(mode='feature', weight=1e-4, offsets=None, lr=1e-3, mult=1.0, reduct
                   'quant_lr_mult': mult, 'calibration': {'batches': 2}, 'log_layer_freq': 1000},
     }
     if mode != 'off':
-        opt['train']['var_opt'] = {'type': var_type or 'FeatureVarianceLoss', 'loss_weight': weight}
-        if (var_type or 'FeatureVarianceLoss') == 'FeatureVarianceLoss':
-            opt['train']['var_opt']['reduction'] = reduction
+        opt['train']['reg_opt'] = {'type': reg_type or 'FeatureVarianceLoss', 'loss_weight': weight}
+        if (reg_type or 'FeatureVarianceLoss') == 'FeatureVarianceLoss':
+            opt['train']['reg_opt']['reduction'] = reduction
     return copy.deepcopy(opt)
 
 #: Tiny constructor options per arch with a default layer preset, as a function of the scale.

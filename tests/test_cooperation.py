@@ -12,7 +12,6 @@ from odm_basicsr.losses.variance_loss import FeatureVarianceLoss, MismatchLoss
 from odm_basicsr.odm import (
     COOPERATION_MODES,
     all_reduce_mean_,
-    check_mode,
     coop_agree,
     cooperative_feature,
     cosine_combine,
@@ -26,12 +25,15 @@ def _t(values):
     return torch.tensor(values, dtype=torch.float64)
 
 
-def test_check_mode():
+def test_modes_are_checked_by_the_option_schema():
+    """One mode validation: ``train.cooperation`` in the option schema, against COOPERATION_MODES."""
+    from odm_basicsr.option_schema import ODM_TRAIN
     for mode in COOPERATION_MODES:
-        assert check_mode(mode) == mode
+        train = {'cooperation': mode, 'reg_opt': {'type': 'FeatureVarianceLoss'}}
+        assert ODM_TRAIN.validate(train)['cooperation'] == mode
     assert COOPERATION_MODES == ('feature', 'param', 'cosine', 'naive', 'off')
     with pytest.raises(ValueError, match="'feature', 'param', 'cosine', 'naive', 'off'.*'sign'"):
-        check_mode('sign')
+        ODM_TRAIN.validate({'cooperation': 'sign'})
 
 
 def test_sign_gate_exact():

@@ -105,7 +105,7 @@ def test_effective_input_is_what_the_conv_sees(kind, folded):
 
 def test_mismatch_loss_in_training_uses_the_effective_input_with_offsets():
     opt = odm_opt('naive', weight=1e-2, offsets={'select': 'topk', 'fraction': 1.0, 'kind': 'scale'},
-                  var_type='MismatchLoss', lr=0.0)
+                  reg_type='MismatchLoss', lr=0.0)
     model = build(opt)
     feats = []
     hooks = [m.register_forward_pre_hook(lambda m, a: feats.append((m, a[0].detach()))) for _, m in model.layers]
@@ -114,7 +114,7 @@ def test_mismatch_loss_in_training_uses_the_effective_input_with_offsets():
     for h in hooks:
         h.remove()
     expected = sum(float(torch.linalg.vector_norm(x - m.effective_input(x))) for m, x in feats) * 1e-2
-    assert model.log_dict['l_var'] == pytest.approx(expected, rel=1e-5)
+    assert model.log_dict['l_reg'] == pytest.approx(expected, rel=1e-5)
     # q(x / rho) alone (the old target) is a different, much larger distance for rho far from 1
     wrong = sum(float(torch.linalg.vector_norm(x - m.quantize_input(x))) for m, x in feats) * 1e-2
     assert abs(wrong - expected) > 1e-3 * expected
@@ -146,12 +146,12 @@ def test_unquoted_off_means_off():
     opt = odm_opt('off')
     opt['train']['cooperation'] = False  # what YAML makes of `cooperation: off`
     assert yaml.safe_load('cooperation: off') == {'cooperation': False}
-    ODMModel.check_options(opt)
+    assert ODMModel.option_schema.validate(opt['train'], where='train')['cooperation'] == 'off'
     model = build(opt)
-    assert model.cooperation == 'off' and model.cri_var is None
+    assert model.cooperation == 'off' and model.cri_reg is None
     opt['train']['cooperation'] = True
     with pytest.raises(OptionError, match='train.cooperation'):
-        ODMModel.check_options(opt)
+        ODMModel.option_schema.validate(opt['train'], where='train')
 
 
 # --------------------------------------------------------------------------------------- divergence guard

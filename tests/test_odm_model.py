@@ -49,7 +49,7 @@ def reference_grads(model):
             h.remove()
     l_pix = model.cri_pix(out, data['gt'])
     g_r = torch.autograd.grad(l_pix, params, retain_graph=True, allow_unused=True)
-    g_v = torch.autograd.grad(model.cri_var(feats), params, allow_unused=True)
+    g_v = torch.autograd.grad(model.cri_reg(feats), params, allow_unused=True)
     return list(g_r), list(g_v)
 
 
@@ -77,7 +77,7 @@ def test_two_parameter_groups(mult):
 
 def test_off_mode_is_reconstruction_only():
     model = build(odm_opt('off', lr=0.0))
-    model.cri_var = None
+    model.cri_reg = None
     grads = step_grads(model)
     model2 = build(odm_opt('naive', lr=0.0))
     g_r, _ = reference_grads(model2)
@@ -101,11 +101,13 @@ def test_param_level_modes_match_their_definition(mode):
         total = sum(float(v.abs().sum()) for v in g_v if v is not None)
         assert model.log_dict['coop'] == pytest.approx(applied / total, rel=1e-4)
     else:
-        expected, weight, _ = cosine_combine(g_r, g_v)
+        expected, weight, cosine = cosine_combine(g_r, g_v)
         assert model.log_dict['coop'] == pytest.approx(float(weight), abs=1e-6)
+        assert model.log_dict['cos_weight'] == model.log_dict['coop']  # the weight under its own key too
+        assert model.log_dict['cos'] == pytest.approx(float(cosine), abs=1e-6)
     for a, b in zip(grads, expected):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
-    assert model.log_dict['l_var'] > 0
+    assert model.log_dict['l_reg'] > 0
 
 
 def test_feature_mode_gates_between_off_and_naive():
@@ -119,7 +121,7 @@ def test_feature_mode_gates_between_off_and_naive():
     model = build(odm_opt('feature', lr=0.0, weight=1e-3))
     step_grads(model)
     assert 0.0 < model.log_dict['coop'] < 1.0
-    assert model.log_dict['l_var'] > 0
+    assert model.log_dict['l_reg'] > 0
 
 
 @pytest.mark.parametrize('mode', MODES)
@@ -131,9 +133,9 @@ def test_zero_weight_reduces_every_mode_to_plain_qat(mode):
 
 
 def test_mismatch_loss_mode_runs():
-    model = build(odm_opt('cosine', weight=1e-5, var_type='MismatchLoss'))
+    model = build(odm_opt('cosine', weight=1e-5, reg_type='MismatchLoss'))
     step_grads(model)
-    assert model.log_dict['l_var'] > 0 and 0.0 <= model.log_dict['coop'] <= 1.0
+    assert model.log_dict['l_reg'] > 0 and 0.0 <= model.log_dict['coop'] <= 1.0
 
 
 def test_calibration_is_not_repeated_for_a_calibrated_checkpoint(tmp_path, caplog):
@@ -155,13 +157,24 @@ def test_calibration_is_not_repeated_for_a_calibrated_checkpoint(tmp_path, caplo
         assert torch.equal(again.net_g.state_dict()[k], v), k
 
 
+def check_train(opt, notices=None):
+    """What odm-train runs on the train section before any folder is made (and ODMModel when it is built)."""
+    return ODMModel.option_schema.validate(opt['train'], where='train', notices=notices)
+
+
 @pytest.mark.parametrize('change,message', [
-    (('cooperation', 'sign'), "'sign' is not one of"),
-    (('var_opt', None), 'train.var_opt" is required'),
-    (('var_opt', {'type': 'L1Loss'}), 'not a feature regulariser'),
+    (('cooperation', 'sign'),
+     "option \"train.cooperation\" must be one of \\['feature', 'param', 'cosine', 'naive', 'off'\\], got 'sign'"),
+    (('reg_opt', None), 'train.reg_opt" is required with cooperation: feature'),
+    (('reg_opt', {'type': 'L1Loss'}), 'option "train.reg_opt.type": \'L1Loss\' is not a feature regulariser'),
     (('quant_lr_mult', -1), 'quant_lr_mult" must be a positive number'),
-    (('calibration', {'batch': 2}), 'accepts only "batches"'),
+    (('calibration', {'batch': 2}), 'did you mean "batches"\\? "train.calibration" accepts only "batches"'),
     (('calibration', {'batches': 0}), 'must be an integer >= 1'),
+    (('calibration', {'mode': 'quantized'}), "calibration.mode\" must be one of \\['fp', 'sequential'\\]"),
+    (('log_layer_freq', 0), 'option "train.log_layer_freq" must be an integer >= 1, got 0'),
+    (('max_nonfinite_steps', 2.5), 'option "train.max_nonfinite_steps" must be an integer >= 1, got 2.5'),
+    (('calib_batches', 4), 'unknown option "train.calib_batches": ODMModel\'s "train" accepts only BasicSR\'s keys'),
+    (('cooperaton', 'off'), 'unknown option "train.cooperaton": did you mean "cooperation"'),
 ])
 def test_bad_odm_options(change, message):
     opt = odm_opt()
@@ -171,7 +184,44 @@ def test_bad_odm_options(change, message):
     else:
         opt['train'][key] = value
     with pytest.raises(OptionError, match=message):
-        ODMModel.check_options(opt)
+        check_train(opt)
+
+
+def test_defaults_come_from_the_schema():
+    train = check_train(odm_opt())
+    assert train['calibration'] == {'batches': 2, 'mode': 'fp'}
+    assert (train['log_layer_freq'], train['amp'], train['max_nonfinite_steps']) == (1000, False, 10)
+    opt = odm_opt('off')
+    for key in ('quant_lr_mult', 'calibration', 'log_layer_freq'):
+        opt['train'].pop(key)
+    train = check_train(opt)
+    assert train['quant_lr_mult'] == 1.0 and train['calibration'] == {'batches': 8, 'mode': 'fp'}
+    assert train['log_layer_freq'] == 500 and train['reg_opt'] is None and train['cooperation'] == 'off'
+
+
+def test_var_opt_is_the_deprecated_name_of_reg_opt(caplog):
+    opt = odm_opt('naive', lr=0.0, weight=1e-3)
+    opt['train']['var_opt'] = opt['train'].pop('reg_opt')
+    notices = []
+    assert check_train(opt, notices)['reg_opt'] == {'type': 'FeatureVarianceLoss', 'loss_weight': 1e-3,
+                                                    'reduction': 'channel'}
+    assert notices == ['option "train.var_opt" is deprecated: it is now "train.reg_opt", and its value is used as '
+                       'such (the loss it configures is logged as l_reg, formerly l_var). Rename it in the option '
+                       'file.']
+    logging.getLogger('basicsr').addHandler(caplog.handler)
+    caplog.set_level(logging.INFO, logger='basicsr')
+    try:
+        model = build(opt)
+        step_grads(model)
+        step_grads(model)
+    finally:
+        logging.getLogger('basicsr').removeHandler(caplog.handler)
+    assert [r.getMessage() for r in caplog.records if 'deprecated' in r.getMessage()] == notices  # logged once
+    assert model.cri_reg.loss_weight == 1e-3 and model.log_dict['l_reg'] > 0 and 'l_var' not in model.log_dict
+    both = copy.deepcopy(opt)
+    both['train']['reg_opt'] = both['train']['var_opt']
+    with pytest.raises(OptionError, match='option "train.var_opt" is the old name of "train.reg_opt": give only'):
+        check_train(both)
 
 
 def test_odm_needs_a_quantized_network():
@@ -187,7 +237,7 @@ def test_swinir_trains_and_tests_with_window_padding():
                                 'depths': [1], 'num_heads': [2], 'mlp_ratio': 2, 'upsampler': 'pixelshuffledirect'}
     model = build(opt)
     step_grads(model)
-    assert model.log_dict['l_var'] > 0
+    assert model.log_dict['l_reg'] > 0
     model.feed_data({'lq': torch.rand(1, 3, 10, 7)})  # not a multiple of the window
     model.test()
     assert model.output.shape == (1, 3, 20, 14)
@@ -220,7 +270,7 @@ def test_loss_scaling_leaves_every_mode_unchanged(mode):
     model = build(odm_opt(mode, lr=0.0, weight=1e-3))
     model.grad_scaler = torch.amp.GradScaler('cpu', init_scale=2.0 ** 12)
     scaled = step_grads(model)
-    assert model._loss_scale == 2.0 ** 12
+    assert model.recorder.loss_scale == 2.0 ** 12
     for a, b in zip(scaled, plain):
         assert (a is None and b is None) or torch.allclose(a, b, rtol=1e-5, atol=1e-9)
     # feature mode: equal only because the closed-form g_v is scaled as well (weight 1e-3 changes the gate)
@@ -281,4 +331,4 @@ def test_bad_amp_option():
     opt = odm_opt()
     opt['train']['amp'] = 'fp8'
     with pytest.raises(OptionError, match='train.amp" must be true, false, float16 or bfloat16'):
-        ODMModel.check_options(opt)
+        check_train(opt)

@@ -135,11 +135,11 @@ def test_option_file(path, tmp_path, monkeypatch, fast_builds):
         assert train['pixel_opt']['type'] == 'L1Loss'
         if method == 'ODM':
             assert train['cooperation'] == 'feature'
-            assert train['var_opt'] == {'type': 'FeatureVarianceLoss', 'loss_weight': pytest.approx(1e-6),
+            assert train['reg_opt'] == {'type': 'FeatureVarianceLoss', 'loss_weight': pytest.approx(1e-6),
                                         'reduction': 'channel'}
-            assert isinstance(train['var_opt']['loss_weight'], float)
+            assert isinstance(train['reg_opt']['loss_weight'], float)
         else:
-            assert train['cooperation'] == 'off' and 'var_opt' not in train
+            assert train['cooperation'] == 'off' and 'reg_opt' not in train and 'var_opt' not in train
     else:
         assert raw['path']['pretrain_network_g'] == f'experiments/{stem}/models/net_g_latest.pth'
         assert [d['name'] for d in raw['datasets'].values()] == ['Set5', 'Set14', 'B100', 'Urban100']
@@ -186,7 +186,8 @@ def test_network_builds(method, arch, bits, scale, fast_builds):
     layers = quantized_layers(net)
     assert len(layers) == {'EDSR': 32, 'RDN': 128, 'SRResNet': 32}[arch]
     assert all(m.w_bits == bits and m.a_bits == bits for _, m in layers)
-    assert net.quant_config['offsets'] == ({'select': 'topk', 'fraction': 0.25} if method == 'ODM' else None)
+    offsets = {'select': 'topk', 'fraction': 0.25, 'threshold': None, 'kind': 'auto'}  # the schema's defaults filled in
+    assert net.quant_config['offsets'] == (offsets if method == 'ODM' else None)
     assert net.quant_config['fp'] is False
     if (arch, scale) in FP_PARAMS:
         quant = set(quantizer_state_keys(net))

@@ -156,7 +156,7 @@ def test_missing_pretrained_file_is_a_clear_error(tmp_path):
     (dict(arch=dict(type='SwinIR', windowsize=4)), r"unknown option\(s\) \['windowsize'\] for arch SwinIR"),
     (dict(w_bits=0), 'w_bits must be one of 2..8 or 32'),
     (dict(a_bits=33), 'a_bits must be one of 2..8 or 32'),
-    (dict(w_bit=4), r"unknown option\(s\) \['w_bit'\].*w_bits"),
+    (dict(w_bit=4), r'unknown option "w_bit": did you mean "w_bits"\? Quantized accepts only "arch", "w_bits"'),
     (dict(layers=['body.*.conv9']), r"'body.\*.conv9' matches no Conv2d/Linear layer of EDSR. Candidate layers"),
     (dict(arch=dict(type='Quantized')), 'must be an FP architecture'),
     (dict(arch='EDSR'), 'must be a mapping with a "type" key'),

@@ -174,7 +174,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
     """ODMModel, fixed seed, CPU, no loader workers: 3 + 3 resumed iterations == 6 iterations, bit for bit."""
     opt = copy.deepcopy(BASE)
     opt.update(name='exact', model_type='ODMModel')  # calibration, offsets and quantizer state all round-trip
-    opt['train'].update(cooperation='feature', var_opt={'type': 'FeatureVarianceLoss', 'loss_weight': 1e-4},
+    opt['train'].update(cooperation='feature', reg_opt={'type': 'FeatureVarianceLoss', 'loss_weight': 1e-4},
                         calibration={'batches': 2})
     opt['network_g']['offsets'] = {'fraction': 0.5}
     opt['datasets']['train']['dataset_enlarge_ratio'] = 2  # 5 iterations per epoch: the resume is mid-epoch
@@ -206,8 +206,8 @@ def test_odm_train_in_every_mode(mode, tmp_path):
     opt = copy.deepcopy(BASE)
     opt.update(name=f'odm_{mode}', model_type='ODMModel')
     opt['train'].update(cooperation=mode, calibration={'batches': 1}, log_layer_freq=2, total_iter=2, ema_decay=0)
-    if mode != 'off':
-        opt['train']['var_opt'] = {'type': 'FeatureVarianceLoss', 'loss_weight': 1e-4}
+    if mode != 'off':  # naive: under the old name, still read (with one deprecation notice in the log)
+        opt['train']['var_opt' if mode == 'naive' else 'reg_opt'] = {'type': 'FeatureVarianceLoss', 'loss_weight': 1e-4}
         opt['network_g']['offsets'] = {'fraction': 0.5}
     opt['val']['val_freq'] = 2
     opt['logger'].update(use_tb_logger=True, save_checkpoint_freq=2)
@@ -215,8 +215,10 @@ def test_odm_train_in_every_mode(mode, tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     log = next((tmp_path / 'experiments' / f'odm_{mode}').glob('train_*.log')).read_text()
     assert 'ODM calibration (fp): activation ranges of 4 layers' in log and '# psnr:' in log
-    assert ('l_var:' in log) == (mode != 'off') and ('coop:' in log) == (mode != 'off')
+    assert ('l_reg:' in log) == (mode != 'off') and ('coop:' in log) == (mode != 'off') and 'l_var:' not in log
     assert ('agree:' in log) == (mode in ('feature', 'param'))  # the sign-gate modes
+    assert ('cos_weight:' in log) == (mode == 'cosine')
+    assert log.count('option "train.var_opt" is deprecated: it is now "train.reg_opt"') == (mode == 'naive')
     if mode == 'naive':
         assert 'coop: 1.0000e+00' in log  # all of the regulariser's gradient is applied
     assert 'per-layer activation ranges and cooperation ratio' in log
@@ -227,7 +229,7 @@ def test_odm_train_in_every_mode(mode, tmp_path):
             acc = EventAccumulator(str(f))
             acc.Reload()
             tags |= set(acc.Tags()['scalars'])
-        assert {'losses/l_pix', 'losses/l_var', 'coop', 'layers/body.0.conv1/upper', 'layers/body.0.conv1/coop'} <= tags
+        assert {'losses/l_pix', 'losses/l_reg', 'coop', 'layers/body.0.conv1/upper', 'layers/body.0.conv1/coop'} <= tags
     ckpt = torch.load(tmp_path / 'experiments' / f'odm_{mode}' / 'models' / 'net_g_2.pth', weights_only=True)
     has_offsets = any('.offset.' in k for k in ckpt['params'])
     assert has_offsets == (mode != 'off')

@@ -1,5 +1,7 @@
 """Feature regularisation losses of ODM: variance (METHOD.md 4.1) and mismatch (METHOD.md 6, version 2).
 
+Either is ODMModel's regulariser ``train.reg_opt`` (formerly ``var_opt``), logged as ``l_reg``.
+
 Both losses act on the list of inputs ``X_i`` of the quantized layers and also give their gradient with respect
 to one feature in closed form (:meth:`feature_grad`), which the ``feature`` cooperation mode
 (:func:`odm_basicsr.odm.cooperative_feature`) adds to the reconstruction gradient during the single backward pass.

@@ -16,14 +16,9 @@ Plain PyTorch: nothing in ``odm_basicsr.odm`` imports BasicSR.
 import torch
 import torch.distributed as dist
 
+#: The cooperation modes, in documentation order; ``train.cooperation`` is checked against them by the option schema
+#: (:data:`odm_basicsr.option_schema.ODM_TRAIN`).
 COOPERATION_MODES = ('feature', 'param', 'cosine', 'naive', 'off')
-
-
-def check_mode(mode):
-    """Return ``mode`` if it is one of :data:`COOPERATION_MODES`, else raise a ValueError listing them."""
-    if mode not in COOPERATION_MODES:
-        raise ValueError(f'cooperation mode must be one of {COOPERATION_MODES}, got {mode!r}')
-    return mode
 
 
 def _gate_counts(g_r, g_v):

@@ -2,46 +2,38 @@
 
 BasicSR 1.4.2 reads option files leniently: a misspelt key is silently ignored or crashes deep inside training.
 :func:`check_options` runs on the parsed options and raises :class:`OptionError` naming the problem.
-Unknown keys that look like a misspelling of a known key are errors; other unknown keys (options of other
-BasicSR plugins' models) are allowed.
+
+The plugin's own options are declared in :mod:`odm_basicsr.option_schema` and checked strictly there: ``network_g``
+of ``type: Quantized`` (by building the network, whose constructor validates its arguments) and the ``train``
+section of a model class with an ``option_schema`` (``ODMModel``). In BasicSR's own sections, unknown keys that look
+like a misspelling of a known key are errors; other unknown keys (options of other BasicSR plugins' models) are
+allowed.
 """
+# ruff: noqa: I001  (the plugin before BasicSR)
 import difflib
 import os
 import re
 
+import odm_basicsr.plugin  # noqa: F401  (BasicSR fixes, and the registries the checks look into, first)
 from basicsr.utils.registry import ARCH_REGISTRY, DATASET_REGISTRY, LOSS_REGISTRY, METRIC_REGISTRY, MODEL_REGISTRY
 
+from odm_basicsr.option_schema import BASICSR_KEYS
+from odm_basicsr.utils.schema import OptionError, did_you_mean
 
-class OptionError(ValueError):
-    """An option file is wrong; the message names the key."""
+__all__ = ['OptionError', 'check_options']
 
-
-KNOWN_KEYS = {
-    '': {'name', 'model_type', 'scale', 'num_gpu', 'manual_seed', 'datasets', 'network_g', 'network_d', 'path',
-         'train', 'val', 'logger', 'dist_params', 'find_unused_parameters', 'dist', 'rank', 'world_size',
-         'auto_resume', 'is_train', 'root_path'},
-    'train': {'ema_decay', 'optim_g', 'optim_d', 'scheduler', 'total_iter', 'warmup_iter', 'pixel_opt',
-              'perceptual_opt', 'gan_opt', 'ldl_opt', 'net_d_iters', 'net_d_init_iters'},
-    'val': {'val_freq', 'save_img', 'suffix', 'pbar', 'metrics'},
-    'logger': {'print_freq', 'save_checkpoint_freq', 'use_tb_logger', 'wandb'},
-    'path': {'pretrain_network_g', 'param_key_g', 'strict_load_g', 'resume_state', 'ignore_resume_networks',
-             'pretrain_network_d', 'param_key_d', 'strict_load_d', 'experiments_root', 'models',
-             'training_states', 'log', 'visualization', 'results_root'},
-}
 OPTIMIZERS = ('Adam', 'AdamW', 'Adamax', 'SGD', 'RMSprop')
 SCHEDULERS = ('MultiStepLR', 'MultiStepRestartLR', 'CosineAnnealingRestartLR')
 _FLOAT_STRING = re.compile(r'^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$')
 
 
 def _check_keys(section, where, extra=()):
-    known = KNOWN_KEYS[where] | set(extra)
+    """BasicSR's sections: an unknown key that looks like a known one is an error (other plugins' keys pass)."""
+    known = set(BASICSR_KEYS[where]) | set(extra)
     for key in section:
-        if key in known:
-            continue
-        close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.8)
-        if close:
-            label = f'{where}.{key}' if where else key
-            raise OptionError(f'unknown option "{label}": did you mean "{close[0]}"?')
+        hint = '' if key in known else did_you_mean(key, known)
+        if hint:
+            raise OptionError(f'unknown option "{f"{where}.{key}" if where else key}"{hint}')
 
 
 def _check_float_strings(node, path=''):
@@ -77,11 +69,18 @@ def check_options(opt, is_train=True):
     """Validate the options that BasicSR's ``parse_options`` returned. Raises :class:`OptionError`."""
     _check_float_strings({k: v for k, v in opt.items() if k != 'name'})
     model_cls = MODEL_REGISTRY.get(opt['model_type']) if opt.get('model_type') in MODEL_REGISTRY else None
-    extra = getattr(model_cls, 'extra_option_keys', {})
+    train_schema = getattr(model_cls, 'option_schema', None)
     _check_keys(opt, '')
     for section in ('train', 'val', 'logger', 'path'):
-        if isinstance(opt.get(section), dict):
-            _check_keys(opt[section], section, extra.get(section, ()))
+        if not isinstance(opt.get(section), dict):
+            continue
+        if section == 'train' and train_schema is not None:
+            if is_train:  # strict; the model logs the deprecation notices when it reads the options
+                train_schema.validate(opt['train'], where='train')
+            else:
+                _check_keys(opt['train'], 'train', train_schema.keys())
+        else:
+            _check_keys(opt[section], section)
     if 'num_gpu' not in opt:
         raise OptionError('option "num_gpu" is missing (0 = CPU, "auto" = all visible GPUs)')
     _check_registered(MODEL_REGISTRY, opt.get('model_type'), 'model_type')
@@ -111,8 +110,6 @@ def check_options(opt, is_train=True):
         _check_train(opt.get('train') or {})
     for name, metric in ((opt.get('val') or {}).get('metrics') or {}).items():
         _check_registered(METRIC_REGISTRY, metric.get('type'), f'val.metrics.{name}.type')
-    if model_cls is not None and hasattr(model_cls, 'check_options'):
-        model_cls.check_options(opt, is_train)
 
 
 def _check_train(train):
