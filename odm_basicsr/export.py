@@ -159,9 +159,9 @@ def _mean(rows, key):
 def run(args):
     import torch
 
-    from odm_basicsr.archs.quantized_arch import example_input
     from odm_basicsr.deploy import DeployError, load, round_float_layers, save, to_deploy
     from odm_basicsr.evaluate import build_network, list_pairs, load_net_options, load_weights
+    from odm_basicsr.quant.float_outputs import example_input
 
     if not os.path.isfile(args.checkpoint):
         raise EvalError(f'checkpoint file not found: {args.checkpoint}')
