@@ -150,9 +150,9 @@ def _mean(rows, key):
 def run(args):
     import torch
 
-    from odm_basicsr.archs.quantized_arch import example_input
     from odm_basicsr.deploy import DeployError, load, round_float_layers, save, to_deploy
     from odm_basicsr.network_options import build_network, read_network_options
+    from odm_basicsr.quant.float_outputs import example_input
     from odm_basicsr.scoring import list_pairs, load_weights
 
     if not os.path.isfile(args.checkpoint):

@@ -174,3 +174,47 @@ def test_core_and_deploy_import_without_basicsr_cv2_scipy():
             'print("standalone-ok")\n')
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert out.returncode == 0 and 'standalone-ok' in out.stdout, out.stderr
+
+
+def test_integer_conv_requantizes_exactly_as_onnxruntime_qlinearconv():
+    """The deploy form's requantized output (exact accumulator times a float32 multiplier, round half to even) is
+    what onnxruntime's fused integer QLinearConv gives, bit for bit, on a layer of realistic size."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from odm_basicsr.deploy import IntegerConv2d
+
+    rng = np.random.default_rng(0)
+    layer = IntegerConv2d((32, 32, 3, 3), padding=(1, 1), weight_bits=4, weight_grid='midtread', in_bits=4, in_low=-3,
+                          out_bits=8, out_low=-128, out_kind='own')
+    with torch.no_grad():
+        layer.weight_codes.copy_(torch.from_numpy(rng.integers(-7, 8, (32, 32, 3, 3))))
+        layer.weight_scale.copy_(torch.from_numpy(rng.uniform(1e-3, 2e-2, 32).astype(np.float32)))
+        layer.bias_codes.copy_(torch.from_numpy(rng.integers(-3000, 3000, 32)))
+        layer.in_step.fill_(0.0731)
+        layer.out_step.fill_(0.00917)
+    f32 = np.float32
+    arrays = {'s': f32(layer.in_step), 'z': np.uint8(3), 'lo': np.uint8(0), 'hi': np.uint8(15),
+              'w': layer.weight_codes.numpy(), 'ws': layer.weight_scale.numpy(), 'wz': np.zeros(32, np.int8),
+              'b': layer.bias_codes.numpy(), 'bs': layer.bias_scale().numpy(), 'bz': np.zeros(32, np.int32),
+              'so': f32(layer.out_step), 'zo': np.uint8(128)}
+    nodes = [helper.make_node('QuantizeLinear', ['x', 's', 'z'], ['q']),
+             helper.make_node('Clip', ['q', 'lo', 'hi'], ['c']),
+             helper.make_node('DequantizeLinear', ['c', 's', 'z'], ['xd']),
+             helper.make_node('DequantizeLinear', ['w', 'ws', 'wz'], ['wd'], axis=0),
+             helper.make_node('DequantizeLinear', ['b', 'bs', 'bz'], ['bd'], axis=0),
+             helper.make_node('Conv', ['xd', 'wd', 'bd'], ['y'], pads=[1, 1, 1, 1]),
+             helper.make_node('QuantizeLinear', ['y', 'so', 'zo'], ['yq']),
+             helper.make_node('DequantizeLinear', ['yq', 'so', 'zo'], ['out'])]
+    graph = helper.make_graph(nodes, 'qlinearconv', [helper.make_tensor_value_info('x', TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info('out', TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(np.asarray(v), k) for k, v in arrays.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid('', 21)])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=['CPUExecutionProvider'])
+    x = torch.from_numpy(rng.normal(0.3, 0.5, (2, 32, 20, 20)).astype(np.float32))
+    ours = layer(x).detach().numpy()
+    theirs = session.run(None, {'x': x.numpy()})[0]
+    assert np.array_equal(ours, theirs)
+    assert len(np.unique(ours)) > 100  # a real spread of output codes, not a saturated map

@@ -3,13 +3,11 @@ import difflib
 import inspect
 import textwrap
 
-import torch
 from basicsr.utils.registry import ARCH_REGISTRY
-from torch import nn
 
 from odm_basicsr.option_schema import QUANTIZED
 from odm_basicsr.quant import FP_BITS, quantizable_layers, quantized_layers, select_layers, swap_layers
-from odm_basicsr.quant.float_outputs import float_output_layers
+from odm_basicsr.quant.float_outputs import example_input, float_output_layers
 from odm_basicsr.quant.layer_selection import names_matching
 from odm_basicsr.utils.schema import REQUIRED
 
@@ -119,19 +117,6 @@ def Quantized(arch=REQUIRED, **options):
 
 
 Quantized.__doc__ += '\n' + textwrap.indent(QUANTIZED.args_doc(), '    ') + '\n'
-
-
-def example_input(net, arch, size=32):
-    """A small random input for one forward pass of ``net``: ``(1, C, size, size)``, ``C`` from the arch options
-    (``num_in_ch`` / ``in_chans``) or the first convolution, ``size`` rounded up to the arch's ``window_size``."""
-    channels = arch.get('num_in_ch', arch.get('in_chans'))
-    if channels is None:
-        first = next((m for m in net.modules() if isinstance(m, nn.Conv2d)), None)
-        channels = first.in_channels if first is not None else 3
-    window = arch.get('window_size') or 1
-    size = -(-size // window) * window
-    device = next(net.parameters()).device
-    return torch.rand(1, channels, size, size, generator=torch.Generator().manual_seed(0)).to(device)
 
 
 def _output_layers(net, arch, names, output_quant):

@@ -14,7 +14,10 @@
 * **residual scalings** of BasicSR's ``ResidualBlockNoBN`` (``identity + res_scale * conv2(...)``) fold into
   ``conv2``'s scales (and its output grid), and the block's ``res_scale`` becomes 1;
 * **output quantizers**: a trained ``out_quant`` keeps its grid; with ``output_quant='auto'`` a layer whose output
-  would reach a float operation gets an 8-bit one calibrated on ``batches`` (``quant.float_outputs``).
+  would reach a float operation gets an 8-bit one calibrated on ``batches`` (``quant.float_outputs``);
+* **requantization into the next layer**: a layer whose output feeds only the input quantizer of one integer layer
+  (through a ReLU at most) writes its output on that layer's input grid, from the exact integer accumulator, as
+  onnxruntime's fused ``QLinearConv`` does; the consumer's quantizer then leaves it unchanged.
 
 Plain PyTorch: no BasicSR import.
 """
@@ -25,7 +28,7 @@ import torch
 from torch import nn
 
 from odm_basicsr.quant import QConv2d, QLinear, quantized_layers
-from odm_basicsr.quant.float_outputs import float_output_layers
+from odm_basicsr.quant.float_outputs import example_input, float_output_layers, requantizing_consumers
 
 from .integer_layers import IntegerConv2d, IntegerLinear, integer_layers
 
@@ -110,6 +113,19 @@ def _fold_residual_scales(net):
     return folded
 
 
+def _requantize_into_consumers(net, consumers):
+    """Give each integer layer that feeds one integer layer's input quantizer (and has no output quantizer) that
+    layer's input grid as its output grid (``out_kind='next'``)."""
+    modules = dict(net.named_modules())
+    for name, target in consumers.items():
+        producer = modules[name]
+        if target is None or producer.out_bits is not None:
+            continue
+        consumer = modules[target[0]]
+        producer.out_bits, producer.out_low, producer.out_kind = consumer.in_bits, consumer.in_low, 'next'
+        producer.register_buffer('out_step', consumer.in_step.detach().clone())
+
+
 def _integer_layer(name, layer, container):
     """Build the integer twin of a calibrated ``QConv2d`` / ``QLinear``."""
     aq, wq, offset = layer.act_quant, layer.weight_quant, layer.offset
@@ -142,7 +158,7 @@ def _integer_layer(name, layer, container):
     out = layer.out_quant
     if out is not None:
         out_step, out_low = out.integer_grid()
-        kwargs.update(out_bits=out.bits, out_low=out_low)
+        kwargs.update(out_bits=out.bits, out_low=out_low, out_kind='own')
     if isinstance(layer, QConv2d):
         deployed = IntegerConv2d(tuple(codes.shape), stride=layer.stride, padding=layer.padding,
                                  dilation=layer.dilation, groups=layer.groups, padding_mode=layer.padding_mode,
@@ -179,7 +195,8 @@ def to_deploy(net, output_quant='trained', batches=None, container='uint8', exam
         batches (list[Tensor] | None): Network inputs for ``'auto'``.
         container (str): ``'uint8'`` (onnxruntime: zero point in 0..255) or ``'int8'`` (TensorRT: zero point 0).
             Only checks that the input grids fit. Default: 'uint8'.
-        example (Tensor | None): An input for the float-output analysis of ``'auto'``; default ``batches[0]``.
+        example (Tensor | None): An input for the analysis of which layer feeds which (``quant.float_outputs``);
+            default ``batches[0]``, else a small random input.
 
     Returns:
         tuple[nn.Module, dict]: The deploy-form network (CPU, float32, eval mode) and a summary: ``integer_layers``,
@@ -198,13 +215,17 @@ def to_deploy(net, output_quant='trained', batches=None, container='uint8', exam
     if output_quant == 'none':
         for _, layer in layers:
             layer.out_quant = None
-    elif output_quant == 'auto':
+    if example is None:
+        example = batches[0] if batches else example_input(net, dict(getattr(net, 'quant_config', None) or {})
+                                                           .get('arch'))
+    example = example.float().cpu()
+    if output_quant == 'auto':
         if not batches:
             raise DeployError('output_quant="auto" needs calibration batches for the output quantizers it adds')
         batches = [b.float().cpu() for b in batches]
-        floating = float_output_layers(net, batches[0] if example is None else example.float().cpu())
-        added = [n for n in floating if dict(layers)[n].out_quant is None]
+        added = [n for n in float_output_layers(net, example) if dict(layers)[n].out_quant is None]
         _calibrate_output_quantizers(net, added, batches)
+    consumers = requantizing_consumers(net, example)
     nudged = {}
     modules = dict(net.named_modules())
     for name, layer in layers:
@@ -214,6 +235,7 @@ def to_deploy(net, output_quant='trained', batches=None, container='uint8', exam
             nudged[name] = round(float((low * step - lower) / step), 4)
         parent_name, _, child = name.rpartition('.')
         setattr(modules[parent_name] if parent_name else net, child, _integer_layer(name, layer, container))
+    _requantize_into_consumers(net, consumers)
     folded = _fold_residual_scales(net)
     arch = dict(getattr(net, 'quant_config', None) or {}).get('arch')
     net.__class__ = arch_class  # the FP class: QuantizedNetwork only added helpers for quantized layers

@@ -1,19 +1,22 @@
-"""The deploy form of a quantized layer: integer codes and scales, computed exactly as the exported graph does.
+"""The deploy form of a quantized layer: integer codes and scales, computed exactly as the integer kernels do.
 
 :class:`IntegerConv2d` (and :class:`IntegerLinear`) replace a trained ``QConv2d`` (``QLinear``) in the deploy form of a
 network, the one reference that every export is checked against. What it holds and computes::
 
     x' = x - shift              (a distribution offset's shift; or x / scale for a scale offset)
-    x_q = step_in * clip(round(x' / step_in), low_in, low_in + 2**bits_in - 1)     # QuantizeLinear, Clip, Dequantize
-    w_q = weight_scale[o] * weight_codes                                           # int8 codes, zero point 0
-    b_q = (step_in * weight_scale[o]) * bias_codes                                 # int32 codes
-    y   = conv(x_q, w_q, b_q)
-    y_q = step_out * clip(round(y / step_out), low_out, low_out + 2**bits_out - 1)  # optional output quantizer
+    c_x = clip(round(x' / step_in), low_in, low_in + 2**bits_in - 1)   # input codes: QuantizeLinear + Clip
+    acc = conv(c_x, weight_codes) + bias_codes                          # exact integers (int8 weights, int32 bias)
+    requantized output (an output quantizer, or the next layer's input grid that the integer kernel writes):
+        c_y = clip(round(float32(acc) * M), low_out, high_out),  M = float32(step_in * weight_scale[o]) / step_out
+        y   = step_out * c_y
+    float output (neither):  y = acc * (step_in * weight_scale[o])
 
-``round`` is round-half-to-even on both sides (``torch.round`` and ONNX ``QuantizeLinear``), the codes are integers,
-and every scale is a float32 number stored as such, so an ONNX ``QuantizeLinear -> Clip -> DequantizeLinear`` chain
-(the "QCDQ" form) reproduces ``x_q`` bit for bit; an integer convolution computes ``y`` exactly in int32 and differs
-from this float32 convolution only by float rounding.
+``round`` is round-half-to-even on both sides (``torch.round``, ONNX ``QuantizeLinear``, onnxruntime's requantization),
+the codes are integers, the accumulator is exact (float64 holds every int32 sum), and every scale is a float32
+number stored as such. So the QCDQ chain ``QuantizeLinear -> Clip -> DequantizeLinear`` reproduces the input codes bit
+for bit, and onnxruntime's integer ``QLinearConv`` (int32 accumulator, requantized by a float32 multiplier)
+reproduces a requantized output bit for bit; only a float output differs from onnxruntime's float convolution by
+float rounding.
 
 Plain PyTorch: no BasicSR import.
 """
@@ -23,6 +26,11 @@ from torch import nn
 
 #: Kinds of input pre-processing a distribution offset leaves in front of the quantizer.
 PRE_KINDS = (None, 'shift', 'scale')
+
+
+#: Where a requantized output comes from: the layer's own output quantizer (written into the ONNX graph after the
+#: conv), or the input grid of the one integer layer it feeds (the consumer's quantizer does it in the graph).
+OUT_KINDS = (None, 'own', 'next')
 
 
 def quantize_dequantize(x, step, low, bits):
@@ -43,21 +51,26 @@ class _IntegerLayer(nn.Module):
         in_low (int): Lowest input code (the grid is ``in_step * (in_low .. in_low + 2**in_bits - 1)``).
         bias (bool): Whether there is a bias (int32 codes on the scale ``in_step * weight_scale``).
         pre (str | None): ``'shift'``, ``'scale'`` or None: the offset applied before the input quantizer.
-        out_bits (int | None): Bits of the output quantizer, or None for a float output.
-        out_low (int | None): Lowest output code.
+        out_bits (int | None): Bits of the requantized output, or None for a float output.
+        out_low (int | None): Lowest output code (the highest is ``out_low + 2**out_bits - 1``).
+        out_kind (str | None): ``'own'`` (an output quantizer) or ``'next'`` (the input grid of the integer layer it
+            feeds); None with a float output.
     """
 
     channel_dim = 1
 
     def __init__(self, weight_shape, weight_bits, weight_grid, in_bits, in_low, bias=True, pre=None, out_bits=None,
-                 out_low=None):
+                 out_low=None, out_kind=None):
         super().__init__()
         if pre not in PRE_KINDS:
             raise ValueError(f'pre must be one of {PRE_KINDS}, got {pre!r}')
+        if out_kind not in OUT_KINDS or (out_kind is None) != (out_bits is None):
+            raise ValueError(f'out_kind must be one of {OUT_KINDS}, set exactly when out_bits is, got {out_kind!r}')
         self.weight_bits, self.weight_grid = int(weight_bits), weight_grid
         self.in_bits, self.in_low = int(in_bits), int(in_low)
         self.out_bits = None if out_bits is None else int(out_bits)
         self.out_low = None if out_low is None else int(out_low)
+        self.out_kind = out_kind
         self.pre = pre
         out_channels, in_channels = weight_shape[0], weight_shape[1]
         self.register_buffer('weight_codes', torch.zeros(weight_shape, dtype=torch.int8))
@@ -77,7 +90,8 @@ class _IntegerLayer(nn.Module):
         """The integer attributes that, with the buffers, define the layer (the compact file's metadata)."""
         return dict(weight_shape=list(self.weight_codes.shape), weight_bits=self.weight_bits,
                     weight_grid=self.weight_grid, in_bits=self.in_bits, in_low=self.in_low,
-                    bias=self.bias_codes is not None, pre=self.pre, out_bits=self.out_bits, out_low=self.out_low)
+                    bias=self.bias_codes is not None, pre=self.pre, out_bits=self.out_bits, out_low=self.out_low,
+                    out_kind=self.out_kind)
 
     def _channel_view(self, t, x):
         shape = [1] * x.dim()
@@ -92,8 +106,14 @@ class _IntegerLayer(nn.Module):
             return x / self._channel_view(self.pre_param, x)
         return x
 
+    def input_codes(self, x):
+        """``clip(round(x' / step_in), low_in, high_in)``: integers held in ``x``'s float dtype."""
+        high = self.in_low + 2**self.in_bits - 1
+        return torch.clamp(torch.round(self.preprocess(x) / self.in_step), self.in_low, high)
+
     def quantized_input(self, x):
-        return quantize_dequantize(self.preprocess(x), self.in_step, self.in_low, self.in_bits)
+        """The dequantized input ``step_in * codes`` (what ``DequantizeLinear`` gives the float twin)."""
+        return self.input_codes(x) * self.in_step
 
     def dequantized_weight(self):
         """``weight_scale[o] * codes``, float32 (what ``DequantizeLinear`` with per-channel scales computes)."""
@@ -107,13 +127,20 @@ class _IntegerLayer(nn.Module):
     def dequantized_bias(self):
         return None if self.bias_codes is None else self.bias_codes.float() * self.bias_scale()
 
-    def quantized_output(self, y):
+    def output(self, acc):
+        """From the exact accumulator (float64 integers, the bias codes included) to the layer's output."""
+        scale = self.bias_scale()  # step_in * weight_scale, float32
         if self.out_bits is None:
-            return y
-        return quantize_dequantize(y, self.out_step, self.out_low, self.out_bits)
+            return (acc * self._channel_view(scale.double(), acc)).float()
+        multiplier = self._channel_view(scale / self.out_step, acc)  # float32, as onnxruntime requantizes
+        codes = torch.clamp(torch.round(acc.float() * multiplier), self.out_low, self.out_low + 2**self.out_bits - 1)
+        return codes * self.out_step
+
+    def _bias_codes64(self):
+        return None if self.bias_codes is None else self.bias_codes.double()
 
     def extra_repr(self):
-        out = '' if self.out_bits is None else f', out_bits={self.out_bits}'
+        out = '' if self.out_bits is None else f', out_bits={self.out_bits} ({self.out_kind})'
         pre = '' if self.pre is None else f', pre={self.pre}'
         return (f'weight={tuple(self.weight_codes.shape)}, w_bits={self.weight_bits} ({self.weight_grid}), '
                 f'in_bits={self.in_bits}{pre}{out}')
@@ -147,8 +174,8 @@ class IntegerConv2d(_IntegerLayer):
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
     def forward(self, x):
-        y = self.conv(self.quantized_input(x), self.dequantized_weight(), self.dequantized_bias())
-        return self.quantized_output(y)
+        acc = self.conv(self.input_codes(x).double(), self.weight_codes.double(), self._bias_codes64())
+        return self.output(acc).to(x.dtype)
 
 
 class IntegerLinear(_IntegerLayer):
@@ -157,8 +184,8 @@ class IntegerLinear(_IntegerLayer):
     channel_dim = -1
 
     def forward(self, x):
-        return self.quantized_output(F.linear(self.quantized_input(x), self.dequantized_weight(),
-                                              self.dequantized_bias()))
+        acc = F.linear(self.input_codes(x).double(), self.weight_codes.double(), self._bias_codes64())
+        return self.output(acc).to(x.dtype)
 
 
 def build_integer_layer(spec):

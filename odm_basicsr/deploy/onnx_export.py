@@ -16,7 +16,8 @@
    * weight: int8 initializer (zero point 0, per-output-channel scale, ``axis=0``) and ``DequantizeLinear``; with
      ``weight_format='int4'`` an int4 initializer instead (half the bytes; onnxruntime then runs a float conv);
    * bias: int32 initializer on the scale ``step_in * weight_scale`` and ``DequantizeLinear``;
-   * output (layers with an output quantizer): ``QuantizeLinear(uint8) -> DequantizeLinear`` after the ``Conv``.
+   * output (layers with an output quantizer): ``QuantizeLinear(uint8) -> DequantizeLinear`` after the ``Conv``; a
+     layer that feeds one integer layer gets nothing here: onnxruntime fuses the consumer's input quantizer into it.
 
 ``target='tensorrt'`` writes every activation grid with an int8 container and zero point 0, the only form TensorRT
 takes: a b-bit grid ``step * (low .. low + 2**b - 1)`` is the int8 grid restricted to those codes (needs
@@ -241,7 +242,7 @@ def _weight_array(layer, weight_format, name):
     if weight_format == 'int4':
         import ml_dtypes
 
-        if int(np.abs(codes).max(initial=0)) > 7 or layer.max_weight_code > 8:
+        if layer.max_weight_code > 7:  # every code the grid can hold must fit -8..7
             raise DeployError(f'layer {name!r}: {layer.weight_bits}-bit {layer.weight_grid} weight codes '
                               f'(up to +-{layer.max_weight_code}) do not fit int4; --format int4 needs midtread '
                               'weights of at most 4 bits or midrise weights of at most 3 bits')
@@ -294,8 +295,9 @@ def _rewrite_conv(g, name, layer, target, weight_format, report):
                          name=f'{name}/input/DequantizeLinear')])
     conv.input[0] = f'{name}.input_dq'
     entry = dict(input_zero_point=zp, input_codes=[lo, hi])
-    # output: QuantizeLinear -> (Clip) -> DequantizeLinear
-    if layer.out_bits is not None:
+    # output: QuantizeLinear -> (Clip) -> DequantizeLinear (a requantization into the next layer's grid is that
+    # layer's own input quantizer in the graph: onnxruntime fuses it into this conv)
+    if layer.out_kind == 'own':
         zp, lo, hi, cut = _zero_point(layer.out_low, layer.out_bits, target, name, 'output')
         y = conv.output[0]
         conv.output[0] = f'{name}.output_float'

@@ -99,9 +99,14 @@ def code_agreement(deployed, path, x):
         x_np = x.detach().cpu().numpy().astype(np.float32)
         outputs = dict(zip(names, session.run(None, {session.get_inputs()[0].name: x_np})))
     seen, handles = {}, []
+
+    def record(name):
+        def hook(module, args):
+            seen.setdefault(name, module.quantized_input(args[0]).detach().numpy())  # returns None: input unchanged
+        return hook
+
     for name, layer in layers:
-        handles.append(layer.register_forward_pre_hook(
-            lambda m, args, name=name: seen.setdefault(name, m.quantized_input(args[0]).detach().numpy())))
+        handles.append(layer.register_forward_pre_hook(record(name)))
     try:
         with torch.no_grad():
             deployed(x)
