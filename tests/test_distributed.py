@@ -12,7 +12,8 @@ HERE = Path(__file__).resolve().parent
 
 
 def torchrun(args, cwd, port):
-    env = dict(os.environ, PYTHONPATH=str(HERE), OMP_NUM_THREADS='1')
+    # the checkout under test first, whatever odm_basicsr an editable install elsewhere points to
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parent)]), OMP_NUM_THREADS="1")
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={port}'] + args
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
