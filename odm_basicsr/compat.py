@@ -1,27 +1,33 @@
-"""Make BasicSR 1.4.2 work with current software. Applied by ``import odm_basicsr``, before BasicSR is imported.
+"""BasicSR 1.4.2's genuine bugs, fixed before BasicSR is used (applied by the plugin's subpackages and entry points).
 
-What it changes (each item is a trap of BASICSR_NOTES.md):
+Only bugs are patched here; what the plugin wants from a model (quantizer-aware checkpoints, NaN / Inf guards, EMA of
+quantizer state, the float16 gradient scaler) lives in its own model classes, ``QuantSRModel`` and ``ODMModel``.
 
-1. ``torchvision.transforms.functional_tensor`` (removed in torchvision 0.17, imported by basicsr) is provided as
-   a small stand-in module, so ``import basicsr`` works.
-2. Resume works without a GPU: ``basicsr.train.load_resume_state`` loads the ``.state`` file on the CPU (the
-   optimizer moves its state to the parameters' device) with ``weights_only=True``.
-3. EMA: ``BaseModel.model_ema`` also copies buffers (quantizer flags and scales, BatchNorm statistics) into
-   ``net_g_ema``, and starts the average of a quantizer range from its current value when the quantizer was
-   initialised after the EMA copy was made.
-4. Checkpoints: networks and training states are written atomically (temporary file + rename) and loaded with
-   ``weights_only=True``. Loading a network reports quantizer entries that an FP checkpoint lacks as expected;
-   any other mismatch with ``strict_load_g: true`` is an error naming the file and the keys. A network or
-   training state holding a NaN / Inf tensor is never written (``odm_basicsr.guards.NonFiniteError`` names the
-   file not written and the keys; a file already there stays as it was), nor loaded as a network, pretrained
-   network or resume state.
-5. Distributed training on CPU: the ``pytorch`` launcher falls back to the ``gloo`` backend when CUDA is absent,
-   and DDP wraps CPU models without ``device_ids``.
-6. ``optim_g.type`` accepts Adam, AdamW, Adamax, SGD, RMSprop (1.4.2 only knows Adam).
-7. Exact resume: training states also hold the random-number-generator states (Python, NumPy, torch), and a
-   resumed run skips the batches of the current epoch that were already used, so that resuming gives the same
-   weights as an uninterrupted run (exact on the CPU with ``num_worker_per_gpu: 0``; data-loading workers reseed
-   themselves at each epoch start, so with workers the augmentations after a resume differ).
+Each fix: what BasicSR 1.4.2 does -> what it does here (the test that shows it).
+
+1. ``import basicsr`` fails on torchvision >= 0.17 (``functional_tensor`` removed) -> a stand-in module
+   (``test_compat.py::test_basicsr_imports_on_current_torchvision``).
+2. Resume crashes without a GPU (``torch.cuda.current_device()``) -> the state loads on the CPU, weights only
+   (``test_training_cli.py::test_auto_resume_on_cpu``).
+3. Resume restarts the epoch's data and reseeds nothing -> the training state holds the RNG states and the sampler
+   skips the batches already used
+   (``test_training_cli.py::test_resume_gives_the_same_weights_as_an_uninterrupted_run``).
+4. EMA averages parameters only, ``net_g_ema``'s buffers keep their initial values -> buffers copied
+   (``test_compat.py::test_ema_copies_buffers_for_every_model``).
+5. ``torch.save`` straight onto the target, so a crash mid-write destroys the last checkpoint -> temporary file and
+   rename (``test_compat.py::test_saves_are_atomic_for_every_model_and_nan_guards_are_the_plugins``,
+   ``test_checkpoint.py::test_atomic_save_keeps_the_old_file_when_writing_fails``).
+6. Distributed training assumes CUDA (NCCL, ``device_ids``) -> gloo and DDP on the CPU
+   (``test_distributed.py::test_odm_train_with_pytorch_launcher``).
+7. ``optim_g.type`` accepts only ``Adam`` (BasicSR's master has more) -> also AdamW, Adamax, SGD, RMSprop
+   (``test_compat.py::test_optimizers_beyond_adam``).
+8. The test pipeline needs ``val.suffix`` (KeyError) -> set to ``~`` when absent, in ``odm_basicsr.cli``
+   (``test_training_cli.py::test_odm_test_evaluates_the_trained_checkpoint``).
+
+Two hooks carry the plugin's policies without patching them in: ``BaseModel.check_before_writing(state, path, what)``
+(a no-op; ``QuantSRModel`` refuses NaN / Inf there) and ``BaseModel.training_state(epoch, iter)`` (BasicSR's
+training-state dict plus the RNG states; ``ODMModel`` adds its gradient scaler). Exact resume is exact on the CPU with
+``num_worker_per_gpu: 0``; data-loading workers reseed themselves at each epoch start.
 """
 import itertools
 import os
@@ -32,8 +38,7 @@ import types
 import numpy as np
 import torch
 
-from odm_basicsr.checkpoint import atomic_save, load_checkpoint, load_weights, select_state_dict  # noqa: F401
-from odm_basicsr.guards import check_finite
+from odm_basicsr.checkpoint import atomic_save, load_checkpoint
 
 _APPLIED = False
 _RESUMED = {}  # iteration and epoch of the state that load_resume_state returned
@@ -81,7 +86,6 @@ def install_functional_tensor_stub():
 
 
 # Checkpoint reading and writing live in odm_basicsr.checkpoint; these names stay for code that imports them here.
-atomic_torch_save = atomic_save
 
 
 def _patch_resume():
@@ -104,7 +108,6 @@ def _patch_resume():
         if resume_state_path is None:
             return None
         resume_state = load_checkpoint(resume_state_path)
-        check_finite(resume_state, f'training state {resume_state_path}', 'refusing to resume from it')
         check_resume(opt, resume_state['iter'])
         _RESUMED.update(iter=resume_state['iter'], epoch=resume_state['epoch'])
         return resume_state
@@ -139,51 +142,30 @@ def _patch_sampler():
     EnlargedSampler.__iter__ = __iter__
 
 
-_KEPT = 'nothing was written (a file already there is left as it was)'
 
 
 def _patch_base_model():
     from basicsr.models.base_model import BaseModel
-    from basicsr.utils import get_root_logger
     from basicsr.utils.dist_util import master_only
     from torch.nn.parallel import DataParallel, DistributedDataParallel
 
-    from odm_basicsr.quant import ActQuantizer
-    from odm_basicsr.quant.offsets import ensure_offsets_like
-
     def model_ema(self, decay=0.999):
-        """EMA of parameters, plus a copy of every buffer (BasicSR 1.4.2 averages parameters only)."""
-        from odm_basicsr.quant.offsets import DistributionOffset
-
+        """EMA of the parameters, plus a copy of every buffer (BasicSR 1.4.2 averages parameters only, so BatchNorm
+        statistics and quantizer state of ``net_g_ema`` stayed at their initial values)."""
         net_g = self.get_bare_model(self.net_g)
-        src_modules = dict(net_g.named_modules())
-        # offsets attached to net_g (at ODM calibration) appear in net_g_ema too, starting at net_g's values
-        fresh = [f'{name}.offset.' for name in ensure_offsets_like(self.net_g_ema, net_g)]
-        # quantizers initialised in net_g after net_g_ema was copied: their average starts now (the flags are read
-        # from their Python mirrors: no host sync per quantizer per EMA step)
-        ema_quantizers = [(name, q) for name, q in self.net_g_ema.named_modules() if isinstance(q, ActQuantizer)]
-        for name, q in ema_quantizers:
-            if not q.is_initialized and src_modules[name].is_initialized:
-                fresh.append(f'{name}.')
-        src_params = dict(net_g.named_parameters())
-        src_buffers = dict(net_g.named_buffers())
+        params, buffers = dict(net_g.named_parameters()), dict(net_g.named_buffers())
         with torch.no_grad():
             for k, p in self.net_g_ema.named_parameters():
-                if any(k.startswith(f) for f in fresh):
-                    p.copy_(src_params[k])
-                else:
-                    p.mul_(decay).add_(src_params[k], alpha=1 - decay)
+                p.mul_(decay).add_(params[k], alpha=1 - decay)
             for k, b in self.net_g_ema.named_buffers():
-                b.copy_(src_buffers[k])
-            for name, q in ema_quantizers:  # the buffers were copied: their Python mirrors follow
-                q.set_initialized(src_modules[name].is_initialized)
-            for name, off in self.net_g_ema.named_modules():
-                if isinstance(off, DistributionOffset):
-                    off.set_folded(src_modules[name].is_folded)
+                b.copy_(buffers[k])
+
+    def check_before_writing(self, state, path, what):
+        """Called with every network and training state before it is written; a plugin model refuses here."""
 
     @master_only
     def save_network(self, net, net_label, current_iter, param_key='params'):
-        """BasicSR's save_network, written atomically; refused (nothing written) for a non-finite network."""
+        """BasicSR's save_network, written atomically (a temporary file renamed over the target)."""
         current_iter = 'latest' if current_iter == -1 else current_iter
         save_path = os.path.join(self.opt['path']['models'], f'{net_label}_{current_iter}.pth')
         nets = net if isinstance(net, list) else [net]
@@ -194,54 +176,23 @@ def _patch_base_model():
         for net_, key in zip(nets, keys):
             state_dict = self.get_bare_model(net_).state_dict()
             save_dict[key] = {k[7:] if k.startswith('module.') else k: v.cpu() for k, v in state_dict.items()}
-        check_finite(save_dict, f'not writing {save_path}: the network', _KEPT)
-        atomic_torch_save(save_dict, save_path)
+        self.check_before_writing(save_dict, save_path, 'the network')
+        atomic_save(save_dict, save_path)
+
+    def training_state(self, epoch, current_iter):
+        """BasicSR's training state (epoch, iteration, optimizers, schedulers) plus the RNG states."""
+        return {'epoch': epoch, 'iter': current_iter, 'optimizers': [o.state_dict() for o in self.optimizers],
+                'schedulers': [s.state_dict() for s in self.schedulers], 'rng': rng_state()}
 
     @master_only
     def save_training_state(self, epoch, current_iter):
-        """BasicSR's save_training_state, written atomically (after the network file it refers to).
-
-        Refused (nothing written) when the optimizer state holds a non-finite value.
-        """
+        """BasicSR's save_training_state with the RNG states, written atomically (after the network file)."""
         if current_iter == -1:
             return
-        state = {'epoch': epoch, 'iter': current_iter,
-                 'optimizers': [o.state_dict() for o in self.optimizers],
-                 'schedulers': [s.state_dict() for s in self.schedulers]}
-        state['rng'] = rng_state()
-        scaler = getattr(self, 'grad_scaler', None)
-        if scaler is not None and scaler.is_enabled():
-            state['grad_scaler'] = scaler.state_dict()
         save_path = os.path.join(self.opt['path']['training_states'], f'{current_iter}.state')
-        check_finite(state, f'not writing {save_path}: the training state', _KEPT)
-        atomic_torch_save(state, save_path)
-
-    def load_network(self, net, load_path, strict=True, param_key='params'):
-        """Load ``param_key`` of ``load_path`` into ``net``.
-
-        Quantizer entries that the checkpoint lacks (an FP checkpoint) are expected; with ``strict`` every
-        other missing, unexpected or differently shaped key is an error. A state with NaN / Inf values is refused
-        (``NonFiniteError``).
-        """
-        logger = get_root_logger()
-        net = self.get_bare_model(net)
-        name = type(net).__name__
-        loaded = load_weights(net, load_path, param_key, fallback=None if param_key is None else 'params',
-                              strict=strict, finite='refusing to load it',
-                              hint='Is it a checkpoint of another network? Set path.strict_load_g: false to load '
-                                   'the matching part only.')
-        key, fit = loaded.key, loaded.fit
-        if key != param_key and key is not None:
-            logger.info(f'Loading: {param_key} does not exist in {load_path}, use {key}.')
-        for k, (own, theirs) in fit.shapes.items():
-            logger.warning(f'Size different, ignore [{k}]: net {own}; ckpt {theirs}')
-        if fit.missing or fit.unexpected:
-            logger.warning(f'Loading {load_path} non-strictly: {len(fit.missing)} keys missing, '
-                           f'{len(fit.unexpected)} unexpected: {(fit.missing + fit.unexpected)[:8]}')
-        if fit.quantizer_missing:
-            logger.info(f'{len(fit.quantizer_missing)} quantizer entries are not in {load_path} (an FP checkpoint): '
-                        'the quantizers will be initialised from data.')
-        logger.info(f'Loaded {name} from {load_path} [{key}].')
+        state = self.training_state(epoch, current_iter)
+        self.check_before_writing(state, save_path, 'the training state')
+        atomic_save(state, save_path)
 
     def model_to_device(self, net):
         """Move to the device; wrap with DDP (also on CPU, for the gloo backend) or DataParallel."""
@@ -262,11 +213,6 @@ def _patch_base_model():
             raise NotImplementedError(f'optimizer {optim_type} is not supported; use one of {list(optimizers)}')
         return optimizers[optim_type](params, lr, **kwargs)
 
-    BaseModel.model_ema = model_ema
-    BaseModel.save_network = save_network
-    BaseModel.save_training_state = save_training_state
-    BaseModel.load_network = load_network
-    BaseModel.model_to_device = model_to_device
     original_resume = BaseModel.resume_training
 
     def resume_training(self, resume_state):
@@ -274,10 +220,13 @@ def _patch_base_model():
         original_resume(self, resume_state)
         if 'rng' in resume_state:
             set_rng_state(resume_state['rng'])
-        scaler = getattr(self, 'grad_scaler', None)
-        if scaler is not None and scaler.is_enabled() and 'grad_scaler' in resume_state:
-            scaler.load_state_dict(resume_state['grad_scaler'])
 
+    BaseModel.model_ema = model_ema
+    BaseModel.check_before_writing = check_before_writing
+    BaseModel.save_network = save_network
+    BaseModel.training_state = training_state
+    BaseModel.save_training_state = save_training_state
+    BaseModel.model_to_device = model_to_device
     BaseModel.get_optimizer = get_optimizer
     BaseModel.resume_training = resume_training
 

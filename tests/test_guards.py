@@ -65,7 +65,7 @@ def test_last_checkpoint_by_iteration_number(tmp_path):
 
 
 def _sr_model(tmp_path, pretrain=None):
-    from basicsr.models.sr_model import SRModel
+    from odm_basicsr.models.quant_sr_model import QuantSRModel
 
     torch.manual_seed(0)
     opt = {'is_train': True, 'dist': False, 'num_gpu': 0, 'scale': 2, 'network_g': dict(EDSR),
@@ -76,7 +76,7 @@ def _sr_model(tmp_path, pretrain=None):
                      'pixel_opt': {'type': 'L1Loss', 'loss_weight': 1.0}}}
     os.makedirs(opt['path']['models'], exist_ok=True)
     os.makedirs(opt['path']['training_states'], exist_ok=True)
-    return SRModel(opt)
+    return QuantSRModel(opt)
 
 
 def _step(model):
@@ -136,9 +136,12 @@ def test_loading_a_nonfinite_pretrained_network_or_resume_state_is_refused(tmp_p
 
     bad_state = tmp_path / '4.state'
     torch.save({'epoch': 0, 'iter': 4, 'optimizers': [{'state': {0: {'exp_avg': torch.tensor([INF])}}}]}, bad_state)
+    resume_state = basicsr.train.load_resume_state({'auto_resume': False, 'path': {'resume_state': str(bad_state)}})
+    model = _sr_model(tmp_path)  # the plugin's models refuse it when asked to resume from it
+    model.opt['path']['resume_state'] = str(bad_state)
     with pytest.raises(NonFiniteError, match=rf'^training state {bad_state} holds 1 non-finite value .*'
                        r'optimizers/0/state/0/exp_avg \(1\); refusing to resume from it$'):
-        basicsr.train.load_resume_state({'auto_resume': False, 'path': {'resume_state': str(bad_state)}})
+        model.resume_training(resume_state)
 
 
 def test_odm_eval_refuses_a_nan_checkpoint(tmp_path, capsys):
@@ -209,7 +212,7 @@ def test_odm_test_refuses_a_nan_pretrained_network(tmp_path):
     ckpt = tmp_path / 'diverged.pth'
     torch.save({'params': state}, ckpt)
     n = state['conv_last.weight'].numel()
-    opt = {'name': 'nan_test', 'model_type': 'SRModel', 'scale': 2, 'num_gpu': 0,
+    opt = {'name': 'nan_test', 'model_type': 'QuantSRModel', 'scale': 2, 'num_gpu': 0,
            'datasets': {'test_1': {'name': 'emb', 'type': 'EmbeddedSRDataset', 'split': 'val', 'val_size': 16}},
            'network_g': EDSR, 'path': {'pretrain_network_g': str(ckpt), 'strict_load_g': True},
            'val': {'save_img': False, 'metrics': {'psnr': {'type': 'calculate_psnr', 'crop_border': 2}}}}

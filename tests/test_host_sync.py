@@ -17,7 +17,6 @@ import re
 import traceback
 from functools import partial
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -177,15 +176,15 @@ def test_param_and_cosine_combination_have_no_host_sync(loss_name):
 
 
 def _ema_host():
-    """An object that BasicSR's ``model_ema`` (as patched by odm_basicsr.compat) can run on."""
-    from basicsr.models.base_model import BaseModel
-
-    import odm_basicsr.plugin  # noqa: F401  (applies the BasicSR patches)
+    """A QuantSRModel with only its two networks: its ``model_ema`` (on top of BasicSR's, as fixed by compat)."""
+    import odm_basicsr.plugin  # noqa: F401  (applies the BasicSR fixes)
+    from odm_basicsr.models.quant_sr_model import QuantSRModel
 
     net, lq = _calibrated(next(k for k in CONFIGS if 'offsets' in k))
     ema = _network(**{k: v for k, v in CONFIGS[next(k for k in CONFIGS if 'offsets' in k)].items() if k != 'offsets'})
-    host = SimpleNamespace(net_g=net, net_g_ema=ema, get_bare_model=lambda n: n)
-    return partial(BaseModel.model_ema, host), net, ema
+    host = QuantSRModel.__new__(QuantSRModel)  # the EMA step alone: no options, no optimizer
+    host.net_g, host.net_g_ema = net, ema
+    return host.model_ema, net, ema
 
 
 def test_ema_step_has_no_host_sync_and_the_ema_flags_follow():

@@ -6,12 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from basicsr.archs import build_network
-from basicsr.models.sr_model import SRModel
 from basicsr.utils.registry import ARCH_REGISTRY
 from odm_helpers import TINY
 from torch import nn
 
 from odm_basicsr.archs.layer_presets import LAYER_PRESETS
+from odm_basicsr.models.quant_sr_model import QuantSRModel
 from odm_basicsr.quant import QConv2d, QLinear, quantizable_layers
 
 SCALES = {'RRDBNet': (2, 4)}  # BasicSR's RRDBNet supports scales 1, 2 and 4 only
@@ -114,7 +114,7 @@ def test_user_patterns_and_exclude():
 def _sr_model(net_opt, pretrain=None, strict=True):
     opt = {'is_train': False, 'dist': False, 'num_gpu': 0, 'network_g': net_opt,
            'path': {'pretrain_network_g': pretrain, 'strict_load_g': strict, 'param_key_g': 'params'}}
-    return SRModel(opt)
+    return QuantSRModel(opt)
 
 
 def test_fp_checkpoint_loads_into_quantized_network(tmp_path, caplog):
@@ -179,7 +179,7 @@ def test_no_default_layer_set_for_unknown_arch_lists_candidates():
 
 
 def test_select_state_dict_keys_fallback_bare_and_errors():
-    from odm_basicsr.compat import select_state_dict
+    from odm_basicsr.checkpoint import select_state_dict
     t = torch.zeros(1)
     assert select_state_dict({'params_ema': {'module.a': t}, 'params': {}}, 'params_ema') == ('params_ema', {'a': t})
     assert select_state_dict({'params': {'a': t}}, 'params_ema') == ('params', {'a': t})

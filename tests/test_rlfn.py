@@ -197,7 +197,7 @@ def test_default_preset_quantizes_the_block_3x3_convs():
 # ----------------------------------------------------------------------------------------- the published network
 @needs_ckpt
 def test_checkpoint_loads_strictly_as_a_plain_state_dict():
-    from odm_basicsr.compat import load_checkpoint, select_state_dict
+    from odm_basicsr.checkpoint import load_checkpoint, select_state_dict
 
     state = torch.load(CKPT, weights_only=True)
     assert 'params' not in state and 'params_ema' not in state and len(state) == 78

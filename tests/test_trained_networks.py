@@ -13,7 +13,7 @@ from basicsr.utils.matlab_functions import imresize
 from odm_helpers import TINY
 
 from odm_basicsr import evaluate as ev
-from odm_basicsr.compat import load_checkpoint, select_state_dict
+from odm_basicsr.checkpoint import load_checkpoint, select_state_dict
 from odm_basicsr.quant import CalibrationError, calibrate, quantized_layers
 from odm_basicsr.quant.calibration import check_ranges
 

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 BASE = {
     'name': 'cli_tiny',
-    'model_type': 'SRModel',
+    'model_type': 'QuantSRModel',
     'scale': 2,
     'num_gpu': 0,
     'manual_seed': 0,

@@ -12,13 +12,13 @@ import torch
 from basicsr.archs import build_network
 from basicsr.losses import build_loss
 from basicsr.models.base_model import BaseModel
-from basicsr.models.sr_model import SRModel
 from basicsr.utils import get_root_logger
 from basicsr.utils.registry import MODEL_REGISTRY
 
 from odm_basicsr.archs.arch_util import pad_to_window
 from odm_basicsr.models.layer_log import LayerLog
 from odm_basicsr.models.odm_calibration import calibrate_for_training
+from odm_basicsr.models.quant_sr_model import QuantSRModel
 from odm_basicsr.odm.cooperation import all_reduce_mean_, coop_agree, cosine_combine, gate_param_grads, gate_stats
 from odm_basicsr.odm.feature_recorder import FeatureRecorder
 from odm_basicsr.option_schema import ODM_TRAIN
@@ -29,8 +29,8 @@ AMP_DTYPES = {'float16': torch.float16, 'bfloat16': torch.bfloat16}
 
 
 @MODEL_REGISTRY.register()
-class ODMModel(SRModel):
-    """SRModel with calibration, separate quantizer learning rate and the gradient-cooperative regulariser.
+class ODMModel(QuantSRModel):
+    """QuantSRModel with calibration, separate quantizer learning rate and the gradient-cooperative regulariser.
 
     Its ``train`` options (``cooperation``, ``reg_opt``, ``quant_lr_mult``, ``calibration``, ``log_layer_freq``,
     ``amp``, ``max_nonfinite_steps``) are declared in :data:`odm_basicsr.option_schema.ODM_TRAIN`, which
@@ -106,6 +106,18 @@ class ODMModel(SRModel):
             groups.append({'params': quant, 'lr': lr * self.train_options['quant_lr_mult'], 'weight_decay': 0.0})
         self.optimizer_g = self.get_optimizer(optim_type, groups, lr, **optim_opt)
         self.optimizers.append(self.optimizer_g)
+
+    def training_state(self, epoch, current_iter):
+        """The training state, plus the float16 gradient scaler's state (``train.amp: float16``)."""
+        state = super().training_state(epoch, current_iter)
+        if self.grad_scaler.is_enabled():
+            state['grad_scaler'] = self.grad_scaler.state_dict()
+        return state
+
+    def resume_training(self, resume_state):
+        super().resume_training(resume_state)
+        if self.grad_scaler.is_enabled() and 'grad_scaler' in resume_state:
+            self.grad_scaler.load_state_dict(resume_state['grad_scaler'])
 
     def test(self):
         """SRModel's test, padding the input to a multiple of the window size for windowed archs (SwinIR)."""

@@ -96,6 +96,10 @@ def check_options(opt, is_train=True):
     if not isinstance(network, dict):
         raise OptionError('option "network_g" is missing')
     _check_registered(ARCH_REGISTRY, network.get('type'), 'network_g.type')
+    if network['type'] == 'Quantized' and model_cls is not None and not _quantization_aware(model_cls):
+        raise OptionError(f'model_type {opt["model_type"]} does not know quantized networks: use model_type: '
+                          'QuantSRModel (SRModel with quantizer-aware checkpoints, NaN guards and EMA of quantizer '
+                          'state) or ODMModel')
     try:  # not basicsr's build_network: its logging would set up BasicSR's logger before the log file exists
         kwargs = {k: v for k, v in network.items() if k != 'type'}
         ARCH_REGISTRY.get(network['type'])(**kwargs)
@@ -110,6 +114,12 @@ def check_options(opt, is_train=True):
         _check_train(opt.get('train') or {})
     for name, metric in ((opt.get('val') or {}).get('metrics') or {}).items():
         _check_registered(METRIC_REGISTRY, metric.get('type'), f'val.metrics.{name}.type')
+
+
+def _quantization_aware(model_cls):
+    from odm_basicsr.models.quant_sr_model import QuantSRModel
+
+    return issubclass(model_cls, QuantSRModel)
 
 
 def _check_train(train):
