@@ -18,9 +18,13 @@ class OptionFileError(ToolError, ValueError):
 
 
 def read_option_file(path):
-    """``(whole option dict, network_g)`` of ``path``; the whole dict is ``{}`` for a network_g-only file."""
+    """``(whole option dict, network_g)`` of ``path`` (a file, or the name of a packaged option file:
+    ``odm-train --list-options``); the whole dict is ``{}`` for a network_g-only file."""
     import yaml
 
+    from odm_basicsr import option_files
+
+    path = option_files.resolve(path) or path
     if not os.path.isfile(path):
         raise OptionFileError(f'option file not found: {path}')
     try:

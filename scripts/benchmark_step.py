@@ -62,7 +62,7 @@ ODM_MODES = ('feature', 'param', 'cosine', 'naive')
 DEFAULT_MODE = 'feature'
 TARGET_RATIO = 1.3
 SEED = 0
-VAR_OPT = {'type': 'FeatureVarianceLoss', 'loss_weight': 1.0e-4, 'reduction': 'channel'}
+REG_OPT = {'type': 'FeatureVarianceLoss', 'loss_weight': 1.0e-4, 'reduction': 'channel'}
 OFFSETS = {'select': 'topk', 'fraction': 0.25, 'kind': 'auto'}
 NEVER = 10**9  # log_layer_freq beyond any run: no per-layer logging inside timed steps
 
@@ -179,7 +179,7 @@ def variant_options(base, variant):
         train['cooperation'] = 'off'
     else:
         train['cooperation'] = variant
-        train['var_opt'] = dict(VAR_OPT)
+        train['reg_opt'] = dict(REG_OPT)
         opt['network_g']['offsets'] = dict(OFFSETS)
     return opt
 
@@ -421,7 +421,7 @@ def main(argv=None):
         'arch': base['network_g']['arch'], 'bits': args.bits, 'batch': args.batch, 'patch': args.patch,
         'gt_patch': args.patch * args.scale, 'steps': args.steps, 'warmup': args.warmup, 'rounds': args.rounds,
         'samples_per_variant': args.steps * args.rounds, 'threads': torch.get_num_threads(),
-        'calib_batches': args.calib_batches, 'var_opt': VAR_OPT, 'offsets': OFFSETS, 'optimizer': 'Adam',
+        'calib_batches': args.calib_batches, 'reg_opt': REG_OPT, 'offsets': OFFSETS, 'optimizer': 'Adam',
         'ema_decay': 0, 'memory': None if args.no_memory else (
             'cuda max_memory_allocated - memory_allocated at step start' if device.type == 'cuda'
             else 'torch.profiler profile_memory: peak of running alloc/free sum over one step'),

@@ -265,11 +265,11 @@ def qat_stage(args, train_set, arm, layers, seed):
             weight = weights['odm'] * logged_coop(f'odm_{layers}_s{seed}')
         else:
             weight = weights[arm]
-        train['var_opt'] = {'type': 'FeatureVarianceLoss', 'loss_weight': float(weight), 'reduction': 'channel'}
+        train['reg_opt'] = {'type': 'FeatureVarianceLoss', 'loss_weight': float(weight), 'reduction': 'channel'}
         opt['network_g']['offsets'] = dict(OFFSETS)
     elif arm in ('v2', 'v2_noclip'):
         train['cooperation'] = 'cosine'
-        train['var_opt'] = {'type': 'MismatchLoss', 'loss_weight': 1e-5}
+        train['reg_opt'] = {'type': 'MismatchLoss', 'loss_weight': 1e-5}
         train['quant_lr_mult'] = 10
         opt['network_g']['clip_correction'] = arm == 'v2'
     else:
@@ -500,7 +500,7 @@ def main(argv=None):
                 run = {'run': stage.name, 'arm': stage.method, 'layers': stage.layers, 'seed': stage.seed,
                        'metrics': metrics, 'train_wall_s': rec.get('train_wall_s'), 'iters': rec.get('iters'),
                        'basicsr_time_consumed': rec.get('basicsr_time_consumed'),
-                       'coop': coop, 'loss_weight': (stage.opt['train'].get('var_opt') or {}).get('loss_weight'),
+                       'coop': coop, 'loss_weight': (stage.opt['train'].get('reg_opt') or {}).get('loss_weight'),
                        'options': os.path.join(out, 'options', f'{stage.name}.yml'),
                        'checkpoint': os.path.join(out, stage.checkpoint)}
                 with open(run_path, 'w', encoding='utf-8') as f:

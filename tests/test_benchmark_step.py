@@ -64,11 +64,11 @@ def test_variant_options_share_network_and_data():
     opts = {v: bench.variant_options(base, v) for v in VARIANTS}
     assert opts['fp']['model_type'] == 'SRModel' and opts['fp']['network_g']['type'] == 'EDSR'
     assert opts['qat']['train']['cooperation'] == 'off' and 'offsets' not in opts['qat']['network_g']
-    assert 'var_opt' not in opts['qat']['train']
+    assert 'reg_opt' not in opts['qat']['train']
     for mode in ('feature', 'param', 'cosine', 'naive'):
         opt = opts[mode]
         assert opt['model_type'] == 'ODMModel' and opt['train']['cooperation'] == mode
-        assert opt['train']['var_opt']['type'] == 'FeatureVarianceLoss'
+        assert opt['train']['reg_opt']['type'] == 'FeatureVarianceLoss'
         assert opt['network_g']['offsets'] == {'select': 'topk', 'fraction': 0.25, 'kind': 'auto'}
     for v in VARIANTS:
         arch = opts[v]['network_g'] if v == 'fp' else opts[v]['network_g']['arch']

@@ -54,16 +54,16 @@ def test_demo_trains_every_stage_and_reports_them(tiny_run, capsys):
     import yaml
     base = yaml.safe_load((out / 'options' / 'w4_baseline.yml').read_text())
     odm = yaml.safe_load((out / 'options' / 'w4_odm.yml').read_text())
-    assert base['train']['cooperation'] == 'off' and 'var_opt' not in base['train']
+    assert base['train']['cooperation'] == 'off' and 'reg_opt' not in base['train']
     assert 'offsets' not in base['network_g']
     assert odm['train']['cooperation'] == 'feature' and odm['network_g']['offsets'] == recipe.OFFSETS
-    assert odm['train']['var_opt'] == {'type': 'FeatureVarianceLoss', 'loss_weight': recipe.DEFAULT_VAR_WEIGHT,
+    assert odm['train']['reg_opt'] == {'type': 'FeatureVarianceLoss', 'loss_weight': recipe.DEFAULT_VAR_WEIGHT,
                                        'reduction': 'channel'}
     for opt in (base, odm):
         assert opt['path']['pretrain_network_g'] == 'experiments/fp/models/net_g_latest.pth'
         assert opt['model_type'] == 'ODMModel' and opt['logger']['use_tb_logger'] is True
         del opt['name'], opt['train']['cooperation']
-        opt['train'].pop('var_opt', None), opt['network_g'].pop('offsets', None)
+        opt['train'].pop('reg_opt', None), opt['network_g'].pop('offsets', None)
     assert base == odm  # identical in everything else
     assert (out / 'tb_logger' / 'w4_odm').is_dir()
     odm_log = next((out / 'experiments' / 'w4_odm').glob('train_*.log')).read_text()
@@ -268,12 +268,14 @@ def test_pretrained_fp_row_equals_odm_eval_of_the_checkpoint(pretrained_run, fp_
 @pytest.mark.parametrize('which,key', [('plain', None), ('params', 'params'), ('both', 'params_ema')])
 def test_pretrained_checkpoint_kinds_load_as_the_qat_runs_load_them(fp_files, tmp_path, which, key):
     """Plain state dict, ``params`` and ``params``+``params_ema`` checkpoints: the entry found, the options the QAT
-    stages get, BasicSR's (compat-patched) load_network with them, and the FP evaluation's loader."""
+    stages get, the QAT model's load_network (ODMModel's, from QuantSRModel) with them, and the FP evaluation's
+    loader."""
     import types
 
     import torch
     from basicsr.archs import build_network
-    from basicsr.models.base_model import BaseModel
+
+    from odm_basicsr.models.quant_sr_model import QuantSRModel
 
     args = demo.parse_args(['--out', str(tmp_path / 'w'), '--pretrained-opt', str(fp_files['opt']),
                             '--pretrained', str(fp_files[which])] + PRETRAINED_QAT)
@@ -284,7 +286,7 @@ def test_pretrained_checkpoint_kinds_load_as_the_qat_runs_load_them(fp_files, tm
     expected = fp_files['ema_state'] if key == 'params_ema' else fp_files['state']
     net = build_network(deepcopy(base.opt['network_g']))
     fake_model = types.SimpleNamespace(get_bare_model=lambda n: n)
-    BaseModel.load_network(fake_model, net, base.opt['path']['pretrain_network_g'], True,
+    QuantSRModel.load_network(fake_model, net, base.opt['path']['pretrain_network_g'], True,
                            base.opt['path']['param_key_g'])
     state = net.state_dict()
     assert all(torch.equal(state[k], v) for k, v in expected.items())

@@ -35,7 +35,7 @@ def test_odm_train_with_pytorch_launcher(tmp_path):
     from test_training_cli import BASE, write_opt
     opt = copy.deepcopy(BASE)
     opt.update(name='ddp', model_type='ODMModel')
-    opt['train'].update(cooperation='feature', var_opt={'type': 'FeatureVarianceLoss', 'loss_weight': 1e-4},
+    opt['train'].update(cooperation='feature', reg_opt={'type': 'FeatureVarianceLoss', 'loss_weight': 1e-4},
                         calibration={'batches': 1})
     opt['network_g']['offsets'] = {'fraction': 0.5}
     out = torchrun(['-m', 'odm_basicsr.train', '-opt', str(write_opt(tmp_path, opt)), '--launcher', 'pytorch'],

@@ -177,7 +177,7 @@ def test_pretrained_start_plans_the_issue_arms(tiny_data, tmp_path):
     assert opts['qlr10']['train']['quant_lr_mult'] == 10 and opts['qlr10']['train']['cooperation'] == 'off'
     assert opts['v2']['network_g']['clip_correction'] is True and opts['v2_noclip']['network_g'][
         'clip_correction'] is False
-    assert opts['odm']['train']['var_opt']['loss_weight'] == pytest.approx(0.1 * 2e-3)
-    assert opts['odm_low']['train']['var_opt']['loss_weight'] == pytest.approx(0.01 * 2e-3)
+    assert opts['odm']['train']['reg_opt']['loss_weight'] == pytest.approx(0.1 * 2e-3)
+    assert opts['odm_low']['train']['reg_opt']['loss_weight'] == pytest.approx(0.01 * 2e-3)
     assert opts['naive_matched']['train']['cooperation'] == 'naive'
-    assert opts['naive_matched']['train']['var_opt']['loss_weight'] == pytest.approx(0.1 * 2e-3 * 0.3)
+    assert opts['naive_matched']['train']['reg_opt']['loss_weight'] == pytest.approx(0.1 * 2e-3 * 0.3)

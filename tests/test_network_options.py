@@ -75,3 +75,12 @@ def test_window_size_of_a_windowed_arch():
     assert window_size({'type': 'SwinIR', 'window_size': 8}) == 8
     assert window_size({'type': 'Quantized', 'arch': {'type': 'SwinIR', 'window_size': 4}}) == 4
     assert window_size(NO_UPSCALE) is None
+
+
+def test_packaged_option_files_are_found_by_name():
+    """odm-eval / odm-cost / odm-export / the demo read packaged option files by name, as odm-train does."""
+    from odm_basicsr.network_options import read_network_options
+
+    for name in ('test/RLFN/test_RLFN_x4.yml', 'options/test/RLFN/test_RLFN_x4.yml', 'test_RLFN_x4.yml'):
+        net_opt, scale = read_network_options(name)
+        assert net_opt['type'] == 'RLFN' and scale == 4

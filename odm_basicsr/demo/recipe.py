@@ -89,12 +89,12 @@ def plan_stages(args, train_set):
                 opt['train']['cooperation'] = 'off'
             elif method == 'odm':
                 opt['train']['cooperation'] = 'feature'
-                opt['train']['var_opt'] = {'type': 'FeatureVarianceLoss', 'loss_weight': args.var_weight,
+                opt['train']['reg_opt'] = {'type': 'FeatureVarianceLoss', 'loss_weight': args.var_weight,
                                            'reduction': 'channel'}
                 opt['network_g']['offsets'] = dict(OFFSETS)
             else:  # naive_half: odm without the gating, at half the weight (about the strength gating passes)
                 opt['train']['cooperation'] = 'naive'
-                opt['train']['var_opt'] = {'type': 'FeatureVarianceLoss', 'loss_weight': args.var_weight / 2,
+                opt['train']['reg_opt'] = {'type': 'FeatureVarianceLoss', 'loss_weight': args.var_weight / 2,
                                            'reduction': 'channel'}
                 opt['network_g']['offsets'] = dict(OFFSETS)
             stages.append(Stage(name, method, b, opt))
