@@ -141,9 +141,13 @@ QUANTIZED = Section([
     Field('act_percentile', Number(50, 100, open_min=True), 99.0,
           'Upper percentile `p` of `act_init: percentile`; the lower bound uses `100 - p`.'),
     Field('act_learnable', Boolean(), True, 'Learn the activation bounds during training.'),
-    Field('act_grid', OneOf(ACT_GRIDS), 'free',
-          '`free`: `2^a_bits` levels spanning the learned range; `aligned`: the same step with 0 on the grid (an '
-          'integer zero point, exactly what the exported integer network computes).'),
+    Field('act_grid', OneOf(ACT_GRIDS), 'aligned',
+          '`aligned`: `2^a_bits` levels with the step of the learned range, moved by less than half a step so that '
+          '0 is on the grid (an integer zero point): exactly what the exported integer network computes, so the '
+          'deployed network is the trained one. `free`: the levels span the learned range exactly (the grid before '
+          '2026-12-02; odm-export moves it onto the aligned grid, which cost up to 0.045 dB on Set5 at W2A2, '
+          'docs/DEPLOY_STUDY.md). Measured no different in accuracy at W2A2 and W4A4 (RLFN, EDSR, 200 QAT '
+          'iterations, one seed).'),
     Field('weight_granularity', OneOf(WEIGHT_GRANULARITIES), 'layer',
           'One symmetric weight range per layer, or per output `channel`.'),
     Field('weight_range', AnyOf(None, OneOf(WEIGHT_RANGE_METHODS)), None,
@@ -154,8 +158,9 @@ QUANTIZED = Section([
     Field('weight_percentile', Number(50, 100, open_min=True), 99.0,
           'Percentile of |W| for `weight_range: percentile`.'),
     Field('weight_grid', OneOf(WEIGHT_GRIDS), 'midrise',
-          '`midrise`: `2^w_bits` levels, no zero level; `midtread`: `2^w_bits - 1` symmetric levels with a zero '
-          'level.'),
+          '`midrise`: `2^w_bits` levels, no zero level (odd integer codes: 7 bits at most fit int8, 3 bits int4); '
+          '`midtread`: `2^w_bits - 1` symmetric levels with a zero level (4-bit codes fit int4). midrise won at '
+          'W2A2 after QAT (+0.18 dB Set5 on EDSR, +0.07 on RLFN; a tie at W4A4; docs/DEPLOY_STUDY.md).'),
     Field('clip_correction', Boolean(), False,
           '2024 weight clipping correction: `u_w = percentile_99(|W|) * gamma` (or the given `weight_range` times '
           '`gamma`), one learnable `gamma` per layer, trained by the reconstruction loss only in every cooperation '

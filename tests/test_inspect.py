@@ -80,6 +80,14 @@ def _np_fake_quant(x, lo, hi, bits):
     return np.round((np.clip(x, lo, hi) - lo) / step) * step + lo
 
 
+def _np_fake_quant_aligned(x, lo, hi, bits):
+    """The zero-aligned activation grid (``act_grid: aligned``, the default): same step, ``low = round(lo / step)``;
+    numpy rounds half to even, as torch does."""
+    step = (hi - lo) / (2**bits - 1)
+    low = np.round(lo / step)
+    return np.clip(np.round(x / step), low, low + 2**bits - 1) * step
+
+
 def _sqnr(x, xq):
     return 10 * np.log10(np.sum(x**2) / np.sum((x - xq) ** 2))
 
@@ -147,7 +155,7 @@ def test_quantized_checkpoint_against_hook_and_numpy_references(quantized_case, 
     assert r['clipped_low'] == pytest.approx(np.mean(allv < lo), abs=1e-12)
     assert r['clipped_high'] == pytest.approx(np.mean(allv > hi), abs=1e-12)
     assert 0.15 < r['clipped'] < 0.35  # the 10th..80th percentile range (ReLU zeros: p10 may be 0, unclipped)
-    assert r['input_sqnr_db'] == pytest.approx(_sqnr(allv, _np_fake_quant(allv, lo, hi, BITS)), abs=0.01)
+    assert r['input_sqnr_db'] == pytest.approx(_sqnr(allv, _np_fake_quant_aligned(allv, lo, hi, BITS)), abs=0.01)
     assert r['min'] == pytest.approx(allv.min(), rel=1e-6) and r['max'] == pytest.approx(allv.max(), rel=1e-6)
     for p in (1.0, 50.0, 99.0):
         assert r['percentiles'][f'p{p:g}'] == pytest.approx(np.percentile(allv, p), rel=1e-5, abs=1e-5)
@@ -172,7 +180,8 @@ def test_quantized_checkpoint_against_hook_and_numpy_references(quantized_case, 
     r = rows[SHIFTED]
     assert r['offset'] == 'shift'
     assert r['clipped'] == pytest.approx(np.mean((qin < lo) | (qin > hi)), abs=1e-12)
-    assert r['input_sqnr_db'] == pytest.approx(_sqnr(xs, _np_fake_quant(qin, lo, hi, BITS) + (xs - qin)), abs=0.01)
+    assert r['input_sqnr_db'] == pytest.approx(_sqnr(xs, _np_fake_quant_aligned(qin, lo, hi, BITS) + (xs - qin)),
+                                               abs=0.01)
     assert r['quantizer_input']['min'] == pytest.approx(qin.min(), rel=1e-5, abs=1e-5)
 
 
