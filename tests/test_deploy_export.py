@@ -257,3 +257,17 @@ def test_odm_export_errors(tmp_path, capsys):
             main(['-opt', opt, '--out', str(tmp_path / 'o')] + extra)
         assert e.value.code == 2
         assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('name,bits', [('EDSR', 2), ('EDSR', 4), ('RLFN', 4)])
+def test_deploy_form_is_the_trained_network_bit_for_bit(name, bits):
+    """With the zero-aligned grid (the default), the int32 bias grid trained into QConv2d and the requantization
+    into the next layer's grid, the deploy form computes exactly what the trained network computes."""
+    net = calibrated(dict(tiny(name), num_feat=16), bits=bits, size=32, output_quant='auto')
+    scale = net.quant_config['arch']['upscale']
+    deployed, summary = to_deploy(net)
+    assert summary['nudged'] == {}
+    x = torch.rand(2, 3, 37, 29)
+    with torch.no_grad():
+        trained, deploy = net(x), deployed(x)
+    assert trained.shape == (2, 3, 37 * scale, 29 * scale) and torch.equal(trained, deploy)

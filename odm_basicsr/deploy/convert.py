@@ -174,8 +174,8 @@ def _integer_layer(name, layer, container):
         deployed.out_step.copy_(out_step)
     if pre_param is not None:
         deployed.pre_param.copy_(pre_param)
-    if bias is not None:
-        bias_codes = torch.round(bias / deployed.bias_scale().double())
+    if bias is not None:  # float32 division: the codes QConv2d.quantized_bias trains with
+        bias_codes = torch.round(bias.float() / deployed.bias_scale())
         if bias_codes.abs().max() > INT32_LIMIT:
             raise DeployError(f'layer {name!r}: the bias does not fit int32 codes on the scale step_in * '
                               'weight_scale (the input step or the weight range is tiny)')

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fake_quant import FP_BITS, check_bits
+from .fake_quant import FP_BITS, aligned_grid, check_bits, round_ste
 from .quantizers import ActQuantizer, WeightQuantizer
 
 
@@ -83,6 +83,23 @@ class QuantizedLayerMixin:
         w = self.weight if self.offset is None else self.offset.scale_weight(self.weight)
         return w if self.weight_quant is None else self.weight_quant(w)
 
+    def quantized_bias(self):
+        """The bias as the integer kernel adds it: int32 codes on the scale ``step_in * unit_w`` (rounded, gradient
+        straight through), when the input grid is zero-aligned and weights and inputs are quantized; else the bias.
+
+        Call it after :meth:`quantized_weight` (it reads the weight unit that call leaves). A shift offset that is
+        not folded keeps the float bias: its output side joins the bias only when deployed.
+        """
+        aq, wq, bias = self.act_quant, self.weight_quant, self.bias
+        if (bias is None or aq is None or wq is None or aq.grid != 'aligned' or aq.calibrating
+                or not aq.is_initialized or not wq.enabled
+                or (self.offset is not None and self.offset.kind == 'shift' and not self.offset.is_folded)):
+            return bias
+        lower, upper = aq.bounds()
+        step, _ = aligned_grid(lower.float(), upper.float(), aq.bits, aq.include_zero)
+        scale = (step.detach() * wq.last_unit.float()).reshape(-1)
+        return (round_ste(bias.float() / scale) * scale).to(bias.dtype)
+
     def extra_repr(self):
         out = '' if self.out_quant is None else f', out_bits={self.out_quant.bits}'
         return super().extra_repr() + f', w_bits={self.w_bits}, a_bits={self.a_bits}{out}'
@@ -119,7 +136,8 @@ class QConv2d(QuantizedLayerMixin, nn.Conv2d):
         return q._finish_from_float(module, w_bits, a_bits, act_options, weight_options)
 
     def forward(self, x):
-        return self.quantize_output(self._conv_forward(self.quantize_input(x), self.quantized_weight(), self.bias))
+        weight = self.quantized_weight()
+        return self.quantize_output(self._conv_forward(self.quantize_input(x), weight, self.quantized_bias()))
 
 
 class QLinear(QuantizedLayerMixin, nn.Linear):
@@ -140,7 +158,8 @@ class QLinear(QuantizedLayerMixin, nn.Linear):
         return q._finish_from_float(module, w_bits, a_bits, act_options, weight_options)
 
     def forward(self, x):
-        return self.quantize_output(F.linear(self.quantize_input(x), self.quantized_weight(), self.bias))
+        weight = self.quantized_weight()
+        return self.quantize_output(F.linear(self.quantize_input(x), weight, self.quantized_bias()))
 
 
 QUANTIZABLE_TYPES = {nn.Conv2d: QConv2d, nn.Linear: QLinear}

@@ -388,6 +388,8 @@ class WeightQuantizer(nn.Module):
 
     def _quantize(self, w):
         u = self._range(w)
+        # the unit of the integer codes, per output channel or per layer: the bias's int32 grid needs it
+        self.last_unit = (u / self.max_code).detach()
         if self.grid == 'midtread':
             m = self.max_code
             return torch.clamp(round_ste(w / (u / m)), -m, m) * (u / m)
