@@ -542,7 +542,7 @@ def format_markdown(study):
 # ---------------------------------------------------------------------------------------------------------------
 
 def code_version():
-    """The repository's commit and the uncommitted changes under odm_basicsr/ (the code this process imported)."""
+    """The last commit that changed odm_basicsr/ and its uncommitted changes there (the code this process imported)."""
     import subprocess
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -552,7 +552,8 @@ def code_version():
         except (OSError, subprocess.SubprocessError):
             return None
 
-    return {'commit': git('rev-parse', 'HEAD'), 'odm_basicsr_changes': git('status', '--porcelain', 'odm_basicsr')}
+    return {'commit': git('log', '-1', '--format=%H', '--', 'odm_basicsr'),
+            'odm_basicsr_changes': git('status', '--porcelain', 'odm_basicsr')}
 
 
 def export_step(result, spec, sets, calib_dir, args, out, device, code):
