@@ -21,10 +21,12 @@ the measured study.
 # ruff: noqa: I001
 import argparse
 import datetime
+import fnmatch
 import json
 import math
 import os
 import shlex
+import shutil
 import statistics
 import sys
 import time
@@ -58,8 +60,8 @@ DEFAULT_RLFN_QAT_ITERS = 200
 DEFAULT_EDSR_FEAT = 64
 DEFAULT_EDSR_BLOCK = 16
 DEFAULT_EDSR_SCALE = 4
-DEFAULT_EDSR_FP_ITERS = 2500
-DEFAULT_EDSR_QAT_ITERS = 150
+DEFAULT_EDSR_FP_ITERS = 1500
+DEFAULT_EDSR_QAT_ITERS = 100
 DEFAULT_BITS = (4, 2)
 DEFAULT_TRAIN_SETS = ('T91', 'BSD200')
 DEFAULT_CALIB_SET = 'BSD200'
@@ -93,8 +95,10 @@ statistics:
   differences).
 defaults and timing (2-core CPU VM, shared; see docs/DEPLOY_STUDY.md for the measured times):
   measured per iteration (batch 8, LR patch 24): RLFN QAT 0.5 (W4) to 0.85 s (W2, aligned, output quantizers),
-  EDSR 64x16 FP 0.6 s, QAT 0.9 (W4) to 1.4-2.1 s (W2). Hence RLFN {DEFAULT_RLFN_QAT_ITERS} QAT iterations,
-  EDSR {DEFAULT_EDSR_FP_ITERS} FP and {DEFAULT_EDSR_QAT_ITERS} QAT iterations (each EDSR QAT run at most ~5 minutes).
+  EDSR 64x16 FP 0.6 s, QAT 0.9 (W4) to 1.4-2.1 s (W2), on idle cores; two to four times that while other jobs
+  share the machine (measured in the study: a calibration-only evaluation took 2 s idle and 70 s loaded). Hence
+  RLFN {DEFAULT_RLFN_QAT_ITERS} QAT iterations, EDSR {DEFAULT_EDSR_FP_ITERS} FP and {DEFAULT_EDSR_QAT_ITERS} QAT
+  iterations (first planned: 2500 and 150, cut when the shared machine ran 2-4x slower).
 """
 
 
@@ -131,10 +135,21 @@ def build_parser():
     p.add_argument('--edsr-scale', type=int, choices=(2, 3, 4), default=DEFAULT_EDSR_SCALE)
     p.add_argument('--edsr-fp-iters', type=_positive_int, default=DEFAULT_EDSR_FP_ITERS)
     p.add_argument('--edsr-qat-iters', type=_positive_int, default=DEFAULT_EDSR_QAT_ITERS)
+    p.add_argument('--edsr-sets', nargs='+', help='benchmark sets of the EDSR runs (default: --sets); EDSR-baseline '
+                   'x4 on Set14 costs about 6x Set5 per evaluation')
     p.add_argument('--exporter', default='auto', choices=('auto', 'dynamo', 'torchscript'),
                    help='odm-export --exporter (default auto)')
     p.add_argument('--latency-size', type=int, default=64, help='odm-export --latency-size (0: skip; default 64)')
     p.add_argument('--no-export', action='store_true', help='skip step 3 (export)')
+    p.add_argument('--redo-export', metavar='PATTERN',
+                   help='redo step 3 (export) of finished runs whose name matches this glob (e.g. "rlfn_*") and whose '
+                   'export was made by other code (another commit or other uncommitted changes under odm_basicsr/)')
+    p.add_argument('--collect-only', action='store_true',
+                   help='train, calibrate and export nothing: write study.json / study.md from the finished runs of '
+                   'the plan (e.g. after stopping a study part-way through its seeds)')
+    p.add_argument('--report-only', action='store_true',
+                   help='only rewrite <out>/study.md and the summary of <out>/study.json from study.json (after a '
+                   'change to the tables); runs nothing')
     return p
 
 
@@ -161,7 +176,8 @@ def parse_args(argv=None):
             arch = demo.edsr_arch(Namespace(num_feat=args.edsr_feat, num_block=args.edsr_block,
                                             scale=args.edsr_scale))
             nets[name] = dict(arch=arch, scale=args.edsr_scale, checkpoint=None, param_key='params',
-                              qat_iters=args.edsr_qat_iters, fp_iters=args.edsr_fp_iters, trained_here=True)
+                              qat_iters=args.edsr_qat_iters, fp_iters=args.edsr_fp_iters, trained_here=True,
+                              sets=list(args.edsr_sets or args.sets))
             continue
         for path in (opt_path, ckpt):
             if not os.path.isfile(path):
@@ -169,7 +185,8 @@ def parse_args(argv=None):
         arch, scale = load_net_options(opt_path)
         key = select_state_dict(load_checkpoint(ckpt), 'params_ema', 'params', source=ckpt)[0]
         nets[name] = dict(arch=arch, scale=scale, checkpoint=os.path.abspath(ckpt), param_key=key,
-                          qat_iters=iters, fp_iters=None, trained_here=False, opt_file=opt_path)
+                          qat_iters=iters, fp_iters=None, trained_here=False, opt_file=opt_path,
+                          sets=list(args.edsr_sets or args.sets) if name == 'edsr' else list(args.sets))
     args.nets = nets
     args.hr_images = []
     for name in args.train_sets:
@@ -180,7 +197,7 @@ def parse_args(argv=None):
     if not os.path.isdir(os.path.join(args.data, 'train', args.calib_set)):
         parser.error(f'--calib-set: folder not found: {os.path.join(args.data, "train", args.calib_set)}')
     for spec in nets.values():
-        for name in args.sets:
+        for name in spec['sets']:
             for sub in ('HR', f'LRbicx{spec["scale"]}'):
                 if not os.path.isdir(os.path.join(args.data, 'benchmark', name, sub)):
                     parser.error(f'--data: missing {os.path.join(args.data, "benchmark", name, sub)}')
@@ -301,12 +318,12 @@ def calibrated_network(spec, bits, arm, seed, args, out, device):
     return net
 
 
-def export_run(stage_ckpt, opt_path, export_dir, calib_dir, args):
+def export_run(stage_ckpt, opt_path, export_dir, calib_dir, args, sets):
     """odm-export in this process; returns (report, the equivalent command line)."""
     from odm_basicsr import export as ex
 
     argv = ['-opt', opt_path, '--checkpoint', stage_ckpt, '--out', export_dir, '--param-key', 'params',
-            '--data', os.path.join(os.path.abspath(args.data), 'benchmark'), '--sets', *args.sets,
+            '--data', os.path.join(os.path.abspath(args.data), 'benchmark'), '--sets', *sets,
             '--calib', calib_dir, '--output-quant', 'auto', '--exporter', args.exporter,
             '--latency-size', str(args.latency_size)]
     command = shlex.join(['odm-export'] + argv)
@@ -370,20 +387,29 @@ def _verdict(diffs):
 #: (label, arm a, arm b, measure path in a, measure path in b): delta = a - b, paired per seed.
 def comparisons(sets):
     out = []
-    for stage in ('calib', 'qat', 'deploy'):
-        path = (('export', 'parity', '{s}', 'psnr_deploy') if stage == 'deploy' else (stage, '{s}'))
-        out += [(f'weight grid: midtread - midrise (aligned, {stage})', 'midtread_aligned', 'midrise_aligned',
-                 path, path),
-                (f'weight grid: midtread - midrise (aligned + out, {stage})', 'midtread_aligned_out',
-                 'midrise_aligned_out', path, path),
-                (f'nudging: aligned - free (midrise, {stage})', 'midrise_aligned', 'midrise_free', path, path)]
+    paths = {stage: (('export', 'parity', '{s}', 'psnr_deploy') if stage == 'deploy' else (stage, '{s}'))
+             for stage in ('calib', 'qat', 'deploy')}
+    for stage, path in paths.items():
+        out.append((f'weight grid: midtread - midrise (aligned, {stage})', 'midtread_aligned', 'midrise_aligned',
+                    path, path))
+    for stage, path in paths.items():
+        out.append((f'weight grid: midtread - midrise (aligned + out, {stage})', 'midtread_aligned_out',
+                    'midrise_aligned_out', path, path))
+    for stage, path in paths.items():
+        out.append((f'nudging: aligned - free (midrise, {stage})', 'midrise_aligned', 'midrise_free', path, path))
     out += [
-        ('nudging at export: free network, nudged grid - trained', 'midrise_free', 'midrise_free',
+        ('nudging at export (+ bias rounding): free network, nudged grid - trained', 'midrise_free', 'midrise_free',
          ('deploy_trained_outq', '{s}'), ('qat', '{s}')),
-        ('output quantizer added at export: deploy - trained (midtread_aligned)', 'midtread_aligned',
-         'midtread_aligned', ('export', 'parity', '{s}', 'psnr_deploy'), ('qat', '{s}')),
-        ('output quantizer added at export: deploy - trained (midrise_aligned)', 'midrise_aligned',
-         'midrise_aligned', ('export', 'parity', '{s}', 'psnr_deploy'), ('qat', '{s}')),
+        ('int32 bias rounding alone: deploy (trained out-quant only) - trained (midrise_aligned)', 'midrise_aligned',
+         'midrise_aligned', ('deploy_trained_outq', '{s}'), ('qat', '{s}')),
+        ('int32 bias rounding alone: deploy (trained out-quant only) - trained (midtread_aligned)',
+         'midtread_aligned', 'midtread_aligned', ('deploy_trained_outq', '{s}'), ('qat', '{s}')),
+        ('int32 bias rounding alone: deploy - trained (midtread_aligned_out)', 'midtread_aligned_out',
+         'midtread_aligned_out', ('export', 'parity', '{s}', 'psnr_deploy'), ('qat', '{s}')),
+        ('output quantizer added at export alone: deploy - deploy without it (midtread_aligned)', 'midtread_aligned',
+         'midtread_aligned', ('export', 'parity', '{s}', 'psnr_deploy'), ('deploy_trained_outq', '{s}')),
+        ('output quantizer added at export alone: deploy - deploy without it (midrise_aligned)', 'midrise_aligned',
+         'midrise_aligned', ('export', 'parity', '{s}', 'psnr_deploy'), ('deploy_trained_outq', '{s}')),
         ('output quantizer trained: QAT with - QAT without (midtread_aligned)', 'midtread_aligned_out',
          'midtread_aligned', ('qat', '{s}'), ('qat', '{s}')),
         ('output quantizer trained vs added at export: deployed (midtread_aligned)', 'midtread_aligned_out',
@@ -516,7 +542,7 @@ def format_markdown(study):
 # ---------------------------------------------------------------------------------------------------------------
 
 def code_version():
-    """The repository's commit and the uncommitted changes under odm_basicsr/ (the code this process imported)."""
+    """The last commit that changed odm_basicsr/ and its uncommitted changes there (the code this process imported)."""
     import subprocess
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -526,7 +552,51 @@ def code_version():
         except (OSError, subprocess.SubprocessError):
             return None
 
-    return {'commit': git('rev-parse', 'HEAD'), 'odm_basicsr_changes': git('status', '--porcelain', 'odm_basicsr')}
+    return {'commit': git('log', '-1', '--format=%H', '--', 'odm_basicsr'),
+            'odm_basicsr_changes': git('status', '--porcelain', 'odm_basicsr')}
+
+
+def export_step(result, spec, sets, calib_dir, args, out, device, code):
+    """Step 3 of a run, into ``result``: odm-export's numbers, and the deploy form with only the trained output
+    quantizers (computed unless it is the export's own deploy form)."""
+    from odm_basicsr.evaluate import EvalError
+
+    name, arm, ckpt, opt_path = result['run'], result['arm'], result['checkpoint'], result['options']
+    scale = spec['scale']
+    for key in ('export', 'export_error', 'deploy_trained_outq'):
+        result.pop(key, None)
+    export_dir = os.path.join(out, 'exports', name)
+    t0 = time.time()
+    try:
+        report, export_command = export_run(ckpt, opt_path, export_dir, calib_dir, args,
+                                           spec['sets'])
+        result['export'] = summarize_export(report)
+        result['export']['command'] = export_command
+    except EvalError as e:  # a failed export is a result
+        result['export_error'] = str(e)[:500]
+    result['export_wall_s'] = round(time.time() - t0, 1)
+    t0 = time.time()
+    added = _get(result, ('export', 'added_output_quantizers'))
+    if added == 0 and not ARMS[arm]['act_grid'] == 'free':
+        # nothing added, no nudge: the deploy form with the trained quantizers is the export's
+        result['deploy_trained_outq'] = {x: result['export']['parity'][x]['psnr_deploy']
+                                         for x in spec['sets'] if x in result['export']['parity']}
+    else:
+        result['deploy_trained_outq'] = deploy_trained_outq(ckpt, result['network_g'], sets, scale,
+                                                            device)
+        result['deploy_trained_outq']['seconds'] = round(time.time() - t0, 1)
+    result['export_code'] = code or _export_code()
+    return result
+
+
+_EXPORT_CODE = []
+
+
+def _export_code():
+    """code_version() when this process first exported (odm_basicsr.export and .deploy are imported then)."""
+    if not _EXPORT_CODE:
+        _EXPORT_CODE.append(code_version())
+    return _EXPORT_CODE[0]
 
 
 def plan(args):
@@ -543,7 +613,24 @@ def plan(args):
     return order
 
 
+def report_only(out):
+    path = os.path.join(out, 'study.json')
+    study = demo._load_json(path)
+    if study is None:
+        raise SystemExit(f'deploy_study.py: error: --report-only: no study.json in {out}')
+    study['summary'] = summarize(study['runs'], study['settings']['sets'])
+    with open(path, 'w', encoding='utf-8') as f:
+        json.dump(study, f, indent=2)
+    with open(os.path.join(out, 'study.md'), 'w', encoding='utf-8') as f:
+        f.write(format_markdown(study))
+    print(format_markdown(study))
+    return 0
+
+
 def main(argv=None):
+    if '--report-only' in (sys.argv[1:] if argv is None else argv):
+        args = build_parser().parse_args(argv)
+        return report_only(os.path.abspath(args.out))
     started, load_at_start = time.time(), demo._load_average()
     os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
     args = parse_args(argv)
@@ -556,8 +643,6 @@ def main(argv=None):
     out = os.path.abspath(args.out)
     os.makedirs(os.path.join(out, 'runs'), exist_ok=True)
     import torch
-
-    from odm_basicsr.evaluate import EvalError
 
     device = torch.device('cpu')
 
@@ -574,22 +659,26 @@ def main(argv=None):
         ts.update({'gt_size': args.lr_patch * scale, 'batch_size_per_gpu': args.batch,
                    'dataset_enlarge_ratio': max(1, math.ceil(100 * args.batch / paired[2]))})
         train_sets[scale] = (ts, paired[2])
-        bench[scale] = {name: mini_study.benchmark_pairs(args.data, name, scale) for name in args.sets}
+        wanted = sorted({x for spec in args.nets.values() if spec['scale'] == scale for x in spec['sets']},
+                        key=lambda x: (x not in args.sets, x))
+        bench[scale] = {name: mini_study.benchmark_pairs(args.data, name, scale) for name in wanted}
         calib_dirs[scale] = make_calib_crops(args.data, args.calib_set, scale,
                                              os.path.join(out, 'calib_lr', f'x{scale}'))
 
+    code = code_version()
+    all_sets = list(dict.fromkeys(args.sets + [x for spec in args.nets.values() for x in spec['sets']]))
     settings = {'networks': args.nets, 'bits': args.bits, 'arms': args.arms, 'seeds': args.seeds,
-                'train_sets': args.train_sets, 'calib_set': args.calib_set, 'sets': args.sets, 'batch': args.batch,
+                'train_sets': args.train_sets, 'calib_set': args.calib_set, 'sets': all_sets, 'batch': args.batch,
                 'lr_patch': args.lr_patch, 'qat_lr': QAT_LR, 'fp_lr': FP_LR, 'calibration_batches': CALIB_BATCHES,
                 'export_calib_images': EXPORT_CALIB_IMAGES, 'export_calib_lr': EXPORT_CALIB_LR,
                 'exporter': args.exporter, 'latency_size': args.latency_size, 'data': args.data,
-                'train_images': {s: n for s, (_, n) in train_sets.items()}, 'code': code_version()}
+                'train_images': {s: n for s, (_, n) in train_sets.items()}, 'code': code}
     runs, fp = [], {}
 
     def write_study():
         study = {'command': command, 'cwd': cwd,
                  'date': datetime.datetime.now().astimezone().isoformat(timespec='seconds'),
-                 'settings': settings, 'fp': fp, 'runs': runs, 'summary': summarize(runs, args.sets),
+                 'settings': settings, 'fp': fp, 'runs': runs, 'summary': summarize(runs, all_sets),
                  'total_wall_s': round(time.time() - started, 1),
                  'machine': demo.machine_info(device, load_at_start)}
         with open(os.path.join(out, 'study.json'), 'w', encoding='utf-8') as f:
@@ -603,7 +692,15 @@ def main(argv=None):
         for net_name, bits, arm, seed in plan(args):
             spec = args.nets[net_name]
             scale = spec['scale']
-            sets = bench[scale]
+            sets = {x: bench[scale][x] for x in spec['sets']}
+            if args.collect_only:
+                done = demo._load_json(os.path.join('runs', f'{run_name(net_name, bits, arm, seed)}.json'))
+                cached_fp = demo._load_json(os.path.join('runs', f'{net_name}_fp.json'))
+                if cached_fp is not None:
+                    fp[net_name] = cached_fp
+                if done is not None:
+                    runs.append(done)
+                continue
             if net_name not in fp:  # the FP start (trained here for EDSR) and its PSNR
                 fp_path = os.path.join('runs', f'{net_name}_fp.json')
                 cached = demo._load_json(fp_path)
@@ -623,7 +720,16 @@ def main(argv=None):
             result_path = os.path.join('runs', f'{name}.json')
             result = demo._load_json(result_path)
             if result is not None:
-                log(f'[{name}] skipped: {result_path} exists')
+                if (args.redo_export and not args.no_export and fnmatch.fnmatch(name, args.redo_export)
+                        and result.get('export_code') != code_version()):
+                    log(f'[{name}] finished earlier; redoing its export with the current code')
+                    shutil.rmtree(os.path.join(out, 'exports', name), ignore_errors=True)
+                    export_step(result, spec, sets, calib_dirs[scale], args, out, device, None)
+                    with open(result_path, 'w', encoding='utf-8') as f:
+                        json.dump(result, f, indent=2)
+                    write_study()
+                else:
+                    log(f'[{name}] skipped: {result_path} exists')
                 runs.append(result)
                 continue
             partial_path = os.path.join('runs', f'{name}.partial.json')
@@ -650,25 +756,7 @@ def main(argv=None):
             result = {'run': name, 'network': net_name, 'bits': bits, 'arm': arm, 'seed': seed,
                       'network_g': stage.opt['network_g'], 'options': opt_path, 'checkpoint': ckpt, **part}
             if not args.no_export:
-                export_dir = os.path.join(out, 'exports', name)
-                t0 = time.time()
-                try:
-                    report, export_command = export_run(ckpt, opt_path, export_dir, calib_dirs[scale], args)
-                    result['export'] = summarize_export(report)
-                    result['export']['command'] = export_command
-                except EvalError as e:  # a failed export is a result
-                    result['export_error'] = str(e)[:500]
-                result['export_wall_s'] = round(time.time() - t0, 1)
-                t0 = time.time()
-                added = _get(result, ('export', 'added_output_quantizers'))
-                if added == 0 and not ARMS[arm]['act_grid'] == 'free':
-                    # nothing added, no nudge: the deploy form with the trained quantizers is the export's
-                    result['deploy_trained_outq'] = {x: result['export']['parity'][x]['psnr_deploy']
-                                                     for x in args.sets if x in result['export']['parity']}
-                else:
-                    result['deploy_trained_outq'] = deploy_trained_outq(ckpt, stage.opt['network_g'], sets, scale,
-                                                                        device)
-                    result['deploy_trained_outq']['seconds'] = round(time.time() - t0, 1)
+                export_step(result, spec, sets, calib_dirs[scale], args, out, device, None)
             with open(result_path, 'w', encoding='utf-8') as f:
                 json.dump(result, f, indent=2)
             if os.path.isfile(partial_path):
