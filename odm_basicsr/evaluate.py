@@ -23,11 +23,7 @@ from odm_basicsr.network_options import build_network, read_network_options, win
 from odm_basicsr.scoring import evaluate_set, list_pairs, load_weights, mean_scores
 from odm_basicsr.tool_cli import NonFiniteCheckpointError, ToolError, pick_device, run_cli
 
-# Former names of the shared pieces, for code written against this module (scripts/deploy_study.py).
-EvalError = ToolError
-load_net_options = read_network_options
-__all__ = ['EvalError', 'NonFiniteCheckpointError', 'build_network', 'build_parser', 'load_net_options',
-           'load_weights', 'main', 'run']
+__all__ = ['NonFiniteCheckpointError', 'build_parser', 'main', 'run']
 
 
 def build_parser():

@@ -7,7 +7,8 @@ Per network (the published RLFN, an EDSR trained here from scratch or given), bi
 1. ``calib``: FP calibration of the ``Quantized`` network on LR training patches (no training); Y-PSNR on the
    benchmark sets of its fake-quantization network;
 2. ``qat``: plain QAT from the FP weights (``ODMModel``, ``cooperation: off``, a real ``python -m odm_basicsr.train``
-   run written by ``odm_basicsr.demo``'s functions); Y-PSNR of the trained fake-quantization network;
+   run written and run by ``odm_basicsr.study``, as the mini-study's are); Y-PSNR of the trained fake-quantization
+   network (``odm_basicsr.scoring``);
 3. ``export``: ``odm-export --output-quant auto`` of that checkpoint (run in this process through
    ``odm_basicsr.export.run``; the equivalent command line is recorded), calibrating the output quantizers it adds on
    LR crops of training images (``<out>/calib_lr/x<scale>``, not test data); its ``export.json`` numbers, plus the
@@ -33,10 +34,18 @@ import time
 from argparse import Namespace
 
 import odm_basicsr.plugin  # noqa: F401  (BasicSR fixes + registration first)
-from odm_basicsr import demo
+from odm_basicsr import scoring
+from odm_basicsr.demo.recipe import edsr_arch
+from odm_basicsr.study.argtypes import (bit_width, check_benchmarks, given_together, positive_int,
+                                        pretrained_network, train_images)
+from odm_basicsr.study.data import (BENCHMARKS, DEFAULT_DATA, DEFAULT_TRAIN_SETS, benchmark_pairs, bicubic_lr,
+                                    hr_images, paired_dataset_opt, prepare_paired_data)
+from odm_basicsr.study.options import BATCH, CALIB_BATCHES, FP_LR, FP_SEED, LR_PATCH, QAT_LR, fp_options, qat_options
+from odm_basicsr.study.results import fmt_time, load_average, machine_info, mean_std, write_json, write_results
+from odm_basicsr.study.runner import Stage, load_json, run_stage
+from odm_basicsr.tool_cli import ToolError
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import mini_study  # noqa: E402
 from calibration_study import calibration_batches  # noqa: E402
 
 #: arm -> network_g options (on top of type, arch, w_bits, a_bits). Order: the tiers of DEFAULT_ARMS first.
@@ -50,10 +59,8 @@ ARMS = {
 #: Arms run after every other arm of every network (dropped first when time runs short).
 LATE_ARMS = ('midrise_aligned_out',)
 NETWORKS = ('rlfn', 'edsr')
-BENCHMARKS = ('Set5', 'Set14')
 TIE_DB = 0.05  # with one seed, |delta| below this is a tie
 
-DEFAULT_DATA = os.path.join('..', 'shared', 'data')
 DEFAULT_RLFN_OPT = os.path.join('odm_basicsr', 'options', 'test', 'RLFN', 'test_RLFN_x4.yml')
 DEFAULT_RLFN_CKPT = os.path.join(DEFAULT_DATA, 'pretrained', 'RLFN_cut_x4_ntire22.pth')
 DEFAULT_RLFN_QAT_ITERS = 200
@@ -63,13 +70,12 @@ DEFAULT_EDSR_SCALE = 4
 DEFAULT_EDSR_FP_ITERS = 1500
 DEFAULT_EDSR_QAT_ITERS = 100
 DEFAULT_BITS = (4, 2)
-DEFAULT_TRAIN_SETS = ('T91', 'BSD200')
 DEFAULT_CALIB_SET = 'BSD200'
 
-FP_LR = mini_study.FP_LR  # 1e-3, halved at 2/3 (mini_study's FP recipe)
-FP_SEED = mini_study.FP_SEED
-QAT_LR = mini_study.QAT_LR  # 1e-4, constant
-CALIB_BATCHES = 4  # batches of --batch LR patches, for the calib row and for ODMModel's calibration
+# The training recipe (FP_LR halved at 2/3, FP_SEED, QAT_LR constant, BATCH, LR_PATCH) is odm_basicsr.study.options's,
+# shared with scripts/mini_study.py; CALIB_BATCHES batches of --batch LR patches make the calib row and ODMModel's
+# calibration.
+PROG = 'deploy_study.py'
 EXPORT_CALIB_IMAGES = 8
 EXPORT_CALIB_LR = 80  # LR side of the export calibration crops (BSD200 is 481 x 321: 320 px HR at x4)
 
@@ -102,18 +108,14 @@ defaults and timing (2-core CPU VM, shared; see docs/DEPLOY_STUDY.md for the mea
 """
 
 
-def _positive_int(text):
-    return demo._positive_int(text)
-
-
 def build_parser():
-    p = argparse.ArgumentParser(prog='deploy_study.py', description=__doc__.split('\n\n')[0],
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split('\n\n')[0],
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--out', required=True, help='work folder (rerun with the same folder to resume)')
     p.add_argument('--data', default=DEFAULT_DATA,
                    help=f'data root with train/<set>/ and benchmark/<Set>/HR, LRbicx<scale> (default {DEFAULT_DATA})')
     p.add_argument('--networks', nargs='+', choices=NETWORKS, default=list(NETWORKS))
-    p.add_argument('--bits', nargs='+', type=demo._bit_width, default=list(DEFAULT_BITS),
+    p.add_argument('--bits', nargs='+', type=bit_width, default=list(DEFAULT_BITS),
                    help='W=A bit widths (default 4 2)')
     p.add_argument('--arms', nargs='+', choices=list(ARMS), default=list(ARMS), help='default: all')
     p.add_argument('--seeds', nargs='+', type=int, default=[0], help='QAT seeds (default 0)')
@@ -123,18 +125,18 @@ def build_parser():
                    help='<data>/train subfolder for calibration patches and export crops '
                    f'(default {DEFAULT_CALIB_SET})')
     p.add_argument('--sets', nargs='+', default=list(BENCHMARKS), help='benchmark sets (default Set5 Set14)')
-    p.add_argument('--batch', type=_positive_int, default=mini_study.BATCH)
-    p.add_argument('--lr-patch', type=_positive_int, default=mini_study.LR_PATCH)
+    p.add_argument('--batch', type=positive_int, default=BATCH)
+    p.add_argument('--lr-patch', type=positive_int, default=LR_PATCH)
     p.add_argument('--rlfn-opt', default=DEFAULT_RLFN_OPT, help=f'default {DEFAULT_RLFN_OPT}')
     p.add_argument('--rlfn-checkpoint', default=DEFAULT_RLFN_CKPT, help=f'default {DEFAULT_RLFN_CKPT}')
-    p.add_argument('--rlfn-qat-iters', type=_positive_int, default=DEFAULT_RLFN_QAT_ITERS)
+    p.add_argument('--rlfn-qat-iters', type=positive_int, default=DEFAULT_RLFN_QAT_ITERS)
     p.add_argument('--edsr-opt', help='option file of a trained FP EDSR (with --edsr-checkpoint): no FP training')
     p.add_argument('--edsr-checkpoint')
-    p.add_argument('--edsr-feat', type=_positive_int, default=DEFAULT_EDSR_FEAT)
-    p.add_argument('--edsr-block', type=_positive_int, default=DEFAULT_EDSR_BLOCK)
+    p.add_argument('--edsr-feat', type=positive_int, default=DEFAULT_EDSR_FEAT)
+    p.add_argument('--edsr-block', type=positive_int, default=DEFAULT_EDSR_BLOCK)
     p.add_argument('--edsr-scale', type=int, choices=(2, 3, 4), default=DEFAULT_EDSR_SCALE)
-    p.add_argument('--edsr-fp-iters', type=_positive_int, default=DEFAULT_EDSR_FP_ITERS)
-    p.add_argument('--edsr-qat-iters', type=_positive_int, default=DEFAULT_EDSR_QAT_ITERS)
+    p.add_argument('--edsr-fp-iters', type=positive_int, default=DEFAULT_EDSR_FP_ITERS)
+    p.add_argument('--edsr-qat-iters', type=positive_int, default=DEFAULT_EDSR_QAT_ITERS)
     p.add_argument('--edsr-sets', nargs='+', help='benchmark sets of the EDSR runs (default: --sets); EDSR-baseline '
                    'x4 on Set14 costs about 6x Set5 per evaluation')
     p.add_argument('--exporter', default='auto', choices=('auto', 'dynamo', 'torchscript'),
@@ -154,16 +156,12 @@ def build_parser():
 
 
 def parse_args(argv=None):
-    from odm_basicsr.compat import load_checkpoint, select_state_dict
-    from odm_basicsr.evaluate import load_net_options
-
     parser = build_parser()
     args = parser.parse_args(argv)
     args.seeds = list(dict.fromkeys(args.seeds))
     args.bits = list(dict.fromkeys(args.bits))
     args.arms = [a for a in ARMS if a in args.arms]
-    if (args.edsr_opt is None) != (args.edsr_checkpoint is None):
-        parser.error('--edsr-opt and --edsr-checkpoint go together')
+    given_together(parser, ('--edsr-opt', '--edsr-checkpoint'), (args.edsr_opt, args.edsr_checkpoint))
     nets = {}
     for name in args.networks:
         if name == 'rlfn':
@@ -173,34 +171,21 @@ def parse_args(argv=None):
             opt_path, ckpt = args.edsr_opt, args.edsr_checkpoint
             iters = args.edsr_qat_iters
         else:
-            arch = demo.edsr_arch(Namespace(num_feat=args.edsr_feat, num_block=args.edsr_block,
-                                            scale=args.edsr_scale))
+            arch = edsr_arch(Namespace(num_feat=args.edsr_feat, num_block=args.edsr_block, scale=args.edsr_scale))
             nets[name] = dict(arch=arch, scale=args.edsr_scale, checkpoint=None, param_key='params',
                               qat_iters=args.edsr_qat_iters, fp_iters=args.edsr_fp_iters, trained_here=True,
                               sets=list(args.edsr_sets or args.sets))
             continue
-        for path in (opt_path, ckpt):
-            if not os.path.isfile(path):
-                parser.error(f'{name}: file not found: {path}')
-        arch, scale = load_net_options(opt_path)
-        key = select_state_dict(load_checkpoint(ckpt), 'params_ema', 'params', source=ckpt)[0]
+        arch, scale, key = pretrained_network(parser, opt_path, ckpt, f'{name}: ')
         nets[name] = dict(arch=arch, scale=scale, checkpoint=os.path.abspath(ckpt), param_key=key,
                           qat_iters=iters, fp_iters=None, trained_here=False, opt_file=opt_path,
                           sets=list(args.edsr_sets or args.sets) if name == 'edsr' else list(args.sets))
     args.nets = nets
-    args.hr_images = []
-    for name in args.train_sets:
-        folder = os.path.join(args.data, 'train', name)
-        if not os.path.isdir(folder):
-            parser.error(f'--train-sets: folder not found: {folder}')
-        args.hr_images += demo._hr_images(folder)
+    args.hr_images = train_images(parser, args.data, args.train_sets)
     if not os.path.isdir(os.path.join(args.data, 'train', args.calib_set)):
         parser.error(f'--calib-set: folder not found: {os.path.join(args.data, "train", args.calib_set)}')
     for spec in nets.values():
-        for name in spec['sets']:
-            for sub in ('HR', f'LRbicx{spec["scale"]}'):
-                if not os.path.isdir(os.path.join(args.data, 'benchmark', name, sub)):
-                    parser.error(f'--data: missing {os.path.join(args.data, "benchmark", name, sub)}')
+        check_benchmarks(parser, args.data, spec['sets'], spec['scale'])
     return args
 
 
@@ -213,12 +198,11 @@ def make_calib_crops(data, calib_set, scale, folder, n=EXPORT_CALIB_IMAGES, lr_s
     for the output quantizers odm-export adds. Existing crops are kept. Returns the folder."""
     import cv2
     import numpy as np
-    from basicsr.utils.matlab_functions import imresize
 
     os.makedirs(folder, exist_ok=True)
     if len([f for f in os.listdir(folder) if f.endswith('.png')]) >= n:
         return folder
-    paths = demo._hr_images(os.path.join(data, 'train', calib_set))
+    paths = hr_images(os.path.join(data, 'train', calib_set))
     rng = np.random.default_rng(seed)
     picks = rng.choice(len(paths), size=min(n, len(paths)), replace=False)
     for i, k in enumerate(picks):
@@ -227,21 +211,16 @@ def make_calib_crops(data, calib_set, scale, folder, n=EXPORT_CALIB_IMAGES, lr_s
         side = min(lr_size * scale, h, w)
         side -= side % scale
         y, x = rng.integers(h - side + 1), rng.integers(w - side + 1)
-        hr = img[y:y + side, x:x + side].astype(np.float32) / 255.0
-        lr = np.clip(np.round(imresize(hr, 1.0 / scale) * 255.0), 0, 255).astype(np.uint8)
-        cv2.imwrite(os.path.join(folder, f'calib_{i:02d}.png'), lr)
+        cv2.imwrite(os.path.join(folder, f'calib_{i:02d}.png'), bicubic_lr(img[y:y + side, x:x + side], scale))
     return folder
 
 
 def psnr_sets(net, sets, scale, device):
     """Mean Y-PSNR per set (BasicSR's calculate_psnr, border = scale) of ``net`` on preloaded pairs."""
-    from basicsr.metrics import calculate_psnr
-
     out = {}
     for name, pairs in sets.items():
-        images = demo.sr_images(net, pairs, device)
-        values = [calculate_psnr(img, gt, crop_border=scale, test_y_channel=True) for img, (_, _, gt)
-                  in zip(images, pairs)]
+        values = [scoring.y_psnr(img, gt, scale)
+                  for img, (_, _, gt) in zip(scoring.sr_images(net, pairs, device, scale), pairs)]
         out[name] = float(sum(values) / len(values))
     return out
 
@@ -258,55 +237,36 @@ def fp_checkpoint(spec, out):
     return spec['checkpoint'] or os.path.join(out, 'experiments', 'edsr_fp', 'models', 'net_g_latest.pth')
 
 
-def _demo_args(spec, args):
-    return Namespace(scale=spec['scale'], device='cpu', num_feat=args.edsr_feat, num_block=args.edsr_block)
-
-
-def edsr_fp_stage(spec, args, train_set):
-    opt = demo.base_options('edsr_fp', _demo_args(spec, args), train_set, spec['fp_iters'], FP_LR,
-                            [max(1, (2 * spec['fp_iters']) // 3)])
-    opt['manual_seed'] = FP_SEED
-    opt['network_g'] = dict(spec['arch'])
-    opt = mini_study._strip_val(opt)
+def edsr_fp_stage(spec, train_set):
+    opt = fp_options('edsr_fp', spec['scale'], 'cpu', train_set, spec['fp_iters'], spec['arch'])
     opt['logger']['save_checkpoint_freq'] = max(1, spec['fp_iters'] // 5)  # resumable
-    return demo.Stage('edsr_fp', 'fp', 32, opt)
+    return Stage('edsr_fp', 'fp', 32, opt)
 
 
-def qat_stage(net_name, spec, bits, arm, seed, args, train_set, out):
+def qat_stage(net_name, spec, bits, arm, seed, train_set, out):
     name = run_name(net_name, bits, arm, seed)
-    iters = spec['qat_iters']
-    opt = demo.base_options(name, _demo_args(spec, args), train_set, iters, QAT_LR, [10 * iters])  # constant lr
-    opt['manual_seed'] = seed
-    opt['model_type'] = 'ODMModel'
-    opt['network_g'] = quant_options(spec, bits, arm)
-    opt['path']['pretrain_network_g'] = fp_checkpoint(spec, out)
+    opt = qat_options(name, spec['scale'], 'cpu', train_set, spec['qat_iters'], quant_options(spec, bits, arm),
+                      fp_checkpoint(spec, out), seed)
     opt['path']['param_key_g'] = spec['param_key']  # None: a plain state dict (the published RLFN)
-    opt['train']['calibration'] = {'batches': CALIB_BATCHES}
     opt['train']['cooperation'] = 'off'
-    return demo.Stage(name, arm, bits, mini_study._strip_val(opt))
+    return Stage(name, arm, bits, opt)
 
 
 def run_name(net_name, bits, arm, seed):
     return f'{net_name}_w{bits}_{arm}_s{seed}'
 
 
-def load_fp(spec, out, device):
-    from odm_basicsr import evaluate as ev
-    net = ev.build_network(spec['arch'])
-    ev.load_weights(net, fp_checkpoint(spec, out), 'params')
-    return net.to(device).eval()
-
-
 def calibrated_network(spec, bits, arm, seed, args, out, device):
     """The ``Quantized`` network of ``arm`` with the FP weights and FP-calibrated ranges (no training)."""
     import torch
-    from odm_basicsr import evaluate as ev
-    from odm_basicsr.compat import load_checkpoint, select_state_dict
+
+    from odm_basicsr.checkpoint import read_state
+    from odm_basicsr.network_options import build_network
     from odm_basicsr.quant import calibrate
 
-    net = ev.build_network(quant_options(spec, bits, arm))
+    net = build_network(quant_options(spec, bits, arm))
     path = fp_checkpoint(spec, out)
-    state = select_state_dict(load_checkpoint(path), spec['param_key'], source=path)[1]
+    state = read_state(path, spec['param_key'])[1]
     missing, unexpected = net.load_state_dict(state, strict=False)
     if unexpected or any('quant' not in k for k in missing):
         raise SystemExit(f'{path} does not fit {spec["arch"]["type"]}: missing {missing}, unexpected {unexpected}')
@@ -329,7 +289,7 @@ def export_run(stage_ckpt, opt_path, export_dir, calib_dir, args, sets):
     command = shlex.join(['odm-export'] + argv)
     json_path = os.path.join(export_dir, 'export.json')
     if os.path.isfile(json_path):
-        report = demo._load_json(json_path)
+        report = load_json(json_path)
         if report is not None:
             return report, command
     report = ex.run(ex.build_parser().parse_args(argv))
@@ -351,12 +311,10 @@ def summarize_export(report):
 
 def deploy_trained_outq(ckpt, net_opt, sets, scale, device):
     """Y-PSNR of the deploy form with only the trained output quantizers (none added): the nudge alone."""
-    from odm_basicsr import evaluate as ev
     from odm_basicsr.deploy import to_deploy
 
-    net = ev.build_network(net_opt)
-    ev.load_weights(net, ckpt, 'params')
-    deployed, summary = to_deploy(net.eval(), output_quant='trained')
+    net = scoring.load_network(net_opt, ckpt, 'cpu', 'params')
+    deployed, summary = to_deploy(net, output_quant='trained')
     nudges = [abs(v) for v in summary['nudged'].values()]
     return {**psnr_sets(deployed.to(device), sets, scale, device),
             'mean_nudge_steps': (sum(nudges) / len(nudges)) if nudges else 0.0}
@@ -376,10 +334,9 @@ def _get(run, path):
 
 
 def _verdict(diffs):
-    if not diffs:
+    mean, std = mean_std(diffs)
+    if mean is None:
         return None, None, None
-    mean = statistics.fmean(diffs)
-    std = statistics.stdev(diffs) if len(diffs) > 1 else None
     bound = TIE_DB if std is None else max(TIE_DB, 2 * std)
     return mean, std, 'tie' if abs(mean) < bound else ('better' if mean > 0 else 'worse')
 
@@ -464,7 +421,7 @@ def format_markdown(study):
              f'Command: `{study["command"]}`  ', f'Date: {study["date"]}  ',
              f'Machine: {study["machine"]["summary"]}; load average at start '
              f'{study["machine"]["load_average_at_start"]}, now {study["machine"]["load_average_at_end"]}  ',
-             f'Wall time of this invocation: {demo._fmt_time(study["total_wall_s"])} (m:ss); runs finished: '
+             f'Wall time of this invocation: {fmt_time(study["total_wall_s"])} (m:ss); runs finished: '
              f'{len(study["runs"])}; seeds {", ".join(map(str, s["seeds"]))}', '',
              f'QAT: ODMModel, cooperation off, Adam lr {QAT_LR:g} constant, batch {s["batch"]}, LR patch '
              f'{s["lr_patch"]}, training data {", ".join(s["train_sets"])}; calibration {CALIB_BATCHES} batches '
@@ -559,8 +516,6 @@ def code_version():
 def export_step(result, spec, sets, calib_dir, args, out, device, code):
     """Step 3 of a run, into ``result``: odm-export's numbers, and the deploy form with only the trained output
     quantizers (computed unless it is the export's own deploy form)."""
-    from odm_basicsr.evaluate import EvalError
-
     name, arm, ckpt, opt_path = result['run'], result['arm'], result['checkpoint'], result['options']
     scale = spec['scale']
     for key in ('export', 'export_error', 'deploy_trained_outq'):
@@ -572,7 +527,7 @@ def export_step(result, spec, sets, calib_dir, args, out, device, code):
                                            spec['sets'])
         result['export'] = summarize_export(report)
         result['export']['command'] = export_command
-    except EvalError as e:  # a failed export is a result
+    except ToolError as e:  # a failed export is a result
         result['export_error'] = str(e)[:500]
     result['export_wall_s'] = round(time.time() - t0, 1)
     t0 = time.time()
@@ -615,14 +570,11 @@ def plan(args):
 
 def report_only(out):
     path = os.path.join(out, 'study.json')
-    study = demo._load_json(path)
+    study = load_json(path)
     if study is None:
-        raise SystemExit(f'deploy_study.py: error: --report-only: no study.json in {out}')
+        raise SystemExit(f'{PROG}: error: --report-only: no study.json in {out}')
     study['summary'] = summarize(study['runs'], study['settings']['sets'])
-    with open(path, 'w', encoding='utf-8') as f:
-        json.dump(study, f, indent=2)
-    with open(os.path.join(out, 'study.md'), 'w', encoding='utf-8') as f:
-        f.write(format_markdown(study))
+    write_results(os.path.join(out, 'study'), study, format_markdown(study))
     print(format_markdown(study))
     return 0
 
@@ -631,7 +583,7 @@ def main(argv=None):
     if '--report-only' in (sys.argv[1:] if argv is None else argv):
         args = build_parser().parse_args(argv)
         return report_only(os.path.abspath(args.out))
-    started, load_at_start = time.time(), demo._load_average()
+    started, load_at_start = time.time(), load_average()
     os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
     args = parse_args(argv)
     command = shlex.join(['python', 'scripts/deploy_study.py'] + (sys.argv[1:] if argv is None else list(argv)))
@@ -653,15 +605,12 @@ def main(argv=None):
     scales = sorted({spec['scale'] for spec in args.nets.values()})
     train_sets, bench, calib_dirs = {}, {}, {}
     for scale in scales:
-        paired = demo.prepare_paired_data(args.hr_images, os.path.join(out, f'data_x{scale}'), scale,
-                                          args.lr_patch * scale, log)
-        ts = demo.train_dataset_opt(Namespace(scale=scale), paired)
-        ts.update({'gt_size': args.lr_patch * scale, 'batch_size_per_gpu': args.batch,
-                   'dataset_enlarge_ratio': max(1, math.ceil(100 * args.batch / paired[2]))})
-        train_sets[scale] = (ts, paired[2])
+        paired = prepare_paired_data(args.hr_images, os.path.join(out, f'data_x{scale}'), scale,
+                                     args.lr_patch * scale, log, PROG)
+        train_sets[scale] = (paired_dataset_opt(paired, scale, args.lr_patch, args.batch), paired[2])
         wanted = sorted({x for spec in args.nets.values() if spec['scale'] == scale for x in spec['sets']},
                         key=lambda x: (x not in args.sets, x))
-        bench[scale] = {name: mini_study.benchmark_pairs(args.data, name, scale) for name in wanted}
+        bench[scale] = {name: benchmark_pairs(args.data, name, scale) for name in wanted}
         calib_dirs[scale] = make_calib_crops(args.data, args.calib_set, scale,
                                              os.path.join(out, 'calib_lr', f'x{scale}'))
 
@@ -680,11 +629,8 @@ def main(argv=None):
                  'date': datetime.datetime.now().astimezone().isoformat(timespec='seconds'),
                  'settings': settings, 'fp': fp, 'runs': runs, 'summary': summarize(runs, all_sets),
                  'total_wall_s': round(time.time() - started, 1),
-                 'machine': demo.machine_info(device, load_at_start)}
-        with open(os.path.join(out, 'study.json'), 'w', encoding='utf-8') as f:
-            json.dump(study, f, indent=2)
-        with open(os.path.join(out, 'study.md'), 'w', encoding='utf-8') as f:
-            f.write(format_markdown(study))
+                 'machine': machine_info(device, load_at_start)}
+        write_results(os.path.join(out, 'study'), study, format_markdown(study))
         return study
 
     os.chdir(out)
@@ -694,8 +640,8 @@ def main(argv=None):
             scale = spec['scale']
             sets = {x: bench[scale][x] for x in spec['sets']}
             if args.collect_only:
-                done = demo._load_json(os.path.join('runs', f'{run_name(net_name, bits, arm, seed)}.json'))
-                cached_fp = demo._load_json(os.path.join('runs', f'{net_name}_fp.json'))
+                done = load_json(os.path.join('runs', f'{run_name(net_name, bits, arm, seed)}.json'))
+                cached_fp = load_json(os.path.join('runs', f'{net_name}_fp.json'))
                 if cached_fp is not None:
                     fp[net_name] = cached_fp
                 if done is not None:
@@ -703,62 +649,58 @@ def main(argv=None):
                 continue
             if net_name not in fp:  # the FP start (trained here for EDSR) and its PSNR
                 fp_path = os.path.join('runs', f'{net_name}_fp.json')
-                cached = demo._load_json(fp_path)
+                cached = load_json(fp_path)
                 if cached is None:
                     rec = {}
                     if spec['trained_here']:
-                        rec = demo.run_stage(edsr_fp_stage(spec, args, train_sets[scale][0]), log)
+                        rec = run_stage(edsr_fp_stage(spec, train_sets[scale][0]), log, PROG)
                     t0 = time.time()
-                    cached = {**psnr_sets(load_fp(spec, out, device), sets, scale, device),
+                    fp_net = scoring.load_network(spec['arch'], fp_checkpoint(spec, out), device, 'params')
+                    cached = {**psnr_sets(fp_net, sets, scale, device),
                               'checkpoint': fp_checkpoint(spec, out), 'train_wall_s': rec.get('train_wall_s'),
                               'eval_s': round(time.time() - t0, 1)}
-                    with open(fp_path, 'w', encoding='utf-8') as f:
-                        json.dump(cached, f, indent=2)
+                    write_json(fp_path, cached)
                 fp[net_name] = cached
                 log(json.dumps({'run': f'{net_name}_fp', **cached}))
             name = run_name(net_name, bits, arm, seed)
             result_path = os.path.join('runs', f'{name}.json')
-            result = demo._load_json(result_path)
+            result = load_json(result_path)
             if result is not None:
                 if (args.redo_export and not args.no_export and fnmatch.fnmatch(name, args.redo_export)
                         and result.get('export_code') != code_version()):
                     log(f'[{name}] finished earlier; redoing its export with the current code')
                     shutil.rmtree(os.path.join(out, 'exports', name), ignore_errors=True)
                     export_step(result, spec, sets, calib_dirs[scale], args, out, device, None)
-                    with open(result_path, 'w', encoding='utf-8') as f:
-                        json.dump(result, f, indent=2)
+                    write_json(result_path, result)
                     write_study()
                 else:
                     log(f'[{name}] skipped: {result_path} exists')
                 runs.append(result)
                 continue
             partial_path = os.path.join('runs', f'{name}.partial.json')
-            part = demo._load_json(partial_path) or {}
+            part = load_json(partial_path) or {}
             if 'calib' not in part:
                 t0 = time.time()
                 net = calibrated_network(spec, bits, arm, seed, args, out, device)
                 part['calib'] = {**psnr_sets(net, sets, scale, device), 'seconds': round(time.time() - t0, 1)}
                 del net
-                with open(partial_path, 'w', encoding='utf-8') as f:
-                    json.dump(part, f, indent=2)
-            stage = qat_stage(net_name, spec, bits, arm, seed, args, train_sets[scale][0], out)
-            rec = demo.run_stage(stage, log)
+                write_json(partial_path, part)
+            stage = qat_stage(net_name, spec, bits, arm, seed, train_sets[scale][0], out)
+            rec = run_stage(stage, log, PROG)
             ckpt = os.path.join(out, stage.checkpoint)
             opt_path = os.path.join(out, 'options', f'{stage.name}.yml')
             if 'qat' not in part:
                 t0 = time.time()
-                net = demo.load_net(stage.opt['network_g'], ckpt, device)
+                net = scoring.load_network(stage.opt['network_g'], ckpt, device, 'params')
                 part['qat'] = {**psnr_sets(net, sets, scale, device), 'train_wall_s': rec.get('train_wall_s'),
                                'iters': stage.opt['train']['total_iter'], 'eval_s': round(time.time() - t0, 1)}
                 del net
-                with open(partial_path, 'w', encoding='utf-8') as f:
-                    json.dump(part, f, indent=2)
+                write_json(partial_path, part)
             result = {'run': name, 'network': net_name, 'bits': bits, 'arm': arm, 'seed': seed,
                       'network_g': stage.opt['network_g'], 'options': opt_path, 'checkpoint': ckpt, **part}
             if not args.no_export:
                 export_step(result, spec, sets, calib_dirs[scale], args, out, device, None)
-            with open(result_path, 'w', encoding='utf-8') as f:
-                json.dump(result, f, indent=2)
+            write_json(result_path, result)
             if os.path.isfile(partial_path):
                 os.remove(partial_path)
             runs.append(result)

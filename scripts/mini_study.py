@@ -11,21 +11,21 @@ same command resumes the study. Stages run through ``odm_basicsr.study`` (as odm
 # ruff: noqa: I001
 import argparse
 import datetime
-import json
 import os
 import shlex
-import statistics
 import sys
 import time
 from argparse import Namespace
 
 import odm_basicsr.plugin  # noqa: F401  (BasicSR fixes + registration first)
 from odm_basicsr import scoring
-from odm_basicsr.demo.recipe import DEFAULT_VAR_WEIGHT, edsr_arch
-from odm_basicsr.study.argtypes import bit_width, positive_float, positive_int
-from odm_basicsr.study.data import hr_images, paired_dataset_opt, prepare_paired_data
-from odm_basicsr.study.results import fmt_time, load_average, machine_info, write_results
-from odm_basicsr.study.options import training_options
+from odm_basicsr.demo.recipe import DEFAULT_VAR_WEIGHT, OFFSETS, edsr_arch
+from odm_basicsr.study.argtypes import (bit_width, check_benchmarks, given_together, positive_float, positive_int,
+                                        pretrained_network, train_images)
+from odm_basicsr.study.data import (BENCHMARKS, DEFAULT_DATA, DEFAULT_TRAIN_SETS, benchmark_pairs, paired_dataset_opt,
+                                    prepare_paired_data)
+from odm_basicsr.study.results import fmt_time, load_average, machine_info, mean_std, write_json, write_results
+from odm_basicsr.study.options import BATCH, CALIB_BATCHES, FP_LR, FP_SEED, LR_PATCH, QAT_LR, fp_options, qat_options
 from odm_basicsr.study.runner import Stage, load_json, run_stage
 from odm_basicsr.study.train_record import read_record, record_path
 from odm_basicsr.tool_cli import pick_device
@@ -37,7 +37,6 @@ DEFAULT_ARMS = ('fp', 'qat', 'odm', 'naive_half', 'offsets_only', 'v2')
 #: Regulariser strength of odm_low / odm / odm_high as a share of l_pix at the start (with --var-shares).
 DEFAULT_VAR_SHARES = (0.01, 0.1, 0.5)
 LAYER_SETS = ('default', 'all')
-BENCHMARKS = ('Set5', 'Set14')
 
 # Defaults (see EPILOG for the measurement they come from).
 DEFAULT_FEAT = 16
@@ -46,16 +45,8 @@ DEFAULT_SCALE = 4
 DEFAULT_FP_ITERS = 4000
 DEFAULT_QAT_ITERS = 700
 DEFAULT_SEEDS = (0, 1, 2)
-DEFAULT_TRAIN_SETS = ('T91', 'BSD200')
-DEFAULT_DATA = os.path.join('..', 'shared', 'data')
-
-FP_LR = 1e-3
-QAT_LR = 1e-4
-BATCH = 8
-LR_PATCH = 24  # HR patch 96 at x4: keeps most of T91 (78 to 508 px; smaller images are skipped)
-FP_SEED = 10
-CALIB_BATCHES = 4
-OFFSETS = {'select': 'topk', 'fraction': 0.25}
+# The training recipe (FP_LR, QAT_LR, BATCH, LR_PATCH, FP_SEED, CALIB_BATCHES) is odm_basicsr.study.options's,
+# shared with scripts/deploy_study.py; OFFSETS (top 25 %) is the demo's.
 
 EPILOG = f"""\
 arms (every QAT arm starts from the same cached FP checkpoint, W<bits>A<bits>, Adam lr {QAT_LR:g} constant):
@@ -154,33 +145,16 @@ def parse_args(argv=None):
     args.arms = [a for a in ARMS if a in args.arms or a == 'qat']
     if 'naive_matched' in args.arms and 'odm' not in args.arms:
         args.arms.insert(args.arms.index('naive_matched'), 'odm')
-    if (args.pretrained_opt is None) != (args.pretrained is None):
-        parser.error('--pretrained-opt and --pretrained go together')
+    given_together(parser, ('--pretrained-opt', '--pretrained'), (args.pretrained_opt, args.pretrained))
     args.net_opt = None
     if args.pretrained_opt:
-        from odm_basicsr.checkpoint import read_state
-        from odm_basicsr.network_options import read_network_options
-        for path in (args.pretrained_opt, args.pretrained):
-            if not os.path.isfile(path):
-                parser.error(f'file not found: {path}')
-        args.net_opt, args.scale = read_network_options(args.pretrained_opt)
+        args.net_opt, args.scale, args.pretrained_key = pretrained_network(parser, args.pretrained_opt,
+                                                                           args.pretrained)
         args.pretrained = os.path.abspath(args.pretrained)
-        args.pretrained_key = read_state(args.pretrained, 'params_ema')[0]
         if args.var_shares is None:
             args.var_shares = list(DEFAULT_VAR_SHARES)
-    args.hr_images = []
-    for name in args.train_sets:
-        folder = os.path.join(args.data, 'train', name)
-        if not os.path.isdir(folder):
-            parser.error(f'--train-sets: folder not found: {folder}')
-        try:
-            args.hr_images += hr_images(folder)
-        except ValueError as e:
-            parser.error(f'--train-sets: {e}')
-    for name in BENCHMARKS:
-        for sub in ('HR', f'LRbicx{args.scale}'):
-            if not os.path.isdir(os.path.join(args.data, 'benchmark', name, sub)):
-                parser.error(f'--data: missing {os.path.join(args.data, "benchmark", name, sub)}')
+    args.hr_images = train_images(parser, args.data, args.train_sets)
+    check_benchmarks(parser, args.data, BENCHMARKS, args.scale)
     return args
 
 
@@ -188,29 +162,14 @@ def parse_args(argv=None):
 # Options
 # ---------------------------------------------------------------------------------------------------------------
 
-def _strip_val(opt):
-    """No in-training validation: every run is evaluated here on Set5 and Set14 afterwards."""
-    opt['datasets'].pop('val', None)
-    opt.pop('val', None)
-    opt['logger']['save_checkpoint_freq'] = opt['train']['total_iter']
-    return opt
-
-
 def _arch(args):
     if args.net_opt:
         return dict(args.net_opt)
     return edsr_arch(Namespace(num_feat=args.arch_feat, num_block=args.arch_block, scale=args.scale))
 
 
-def _run_options(name, args, train_set, iters, lr, milestones, seed):
-    """A run's BasicSR options: the demo's recipe without in-training validation."""
-    return _strip_val(training_options(name, args.scale, args.device, train_set, iters, lr, milestones, _arch(args),
-                                       seed))
-
-
 def fp_stage(args, train_set):
-    opt = _run_options('fp', args, train_set, args.fp_iters, FP_LR, [max(1, (2 * args.fp_iters) // 3)], FP_SEED)
-    return Stage('fp', 'fp', 32, opt)
+    return Stage('fp', 'fp', 32, fp_options('fp', args.scale, args.device, train_set, args.fp_iters, _arch(args)))
 
 
 def var_weights(args, layers):
@@ -235,19 +194,15 @@ def logged_coop(run_name):
 
 def qat_stage(args, train_set, arm, layers, seed):
     name = f'{arm}_{layers}_s{seed}'
-    opt = _run_options(name, args, train_set, args.qat_iters, QAT_LR, [10 * args.qat_iters], seed)  # constant lr
-    opt['model_type'] = 'ODMModel'
-    opt['network_g'] = {'type': 'Quantized', 'arch': _arch(args), 'w_bits': args.bits, 'a_bits': args.bits,
-                        'layers': layers}
-    opt['path']['pretrain_network_g'] = args.pretrained or os.path.join('experiments', 'fp', 'models',
-                                                                        'net_g_latest.pth')
+    network_g = {'type': 'Quantized', 'arch': _arch(args), 'w_bits': args.bits, 'a_bits': args.bits, 'layers': layers}
+    fp_ckpt = args.pretrained or os.path.join('experiments', 'fp', 'models', 'net_g_latest.pth')
+    opt = qat_options(name, args.scale, args.device, train_set, args.qat_iters, network_g, fp_ckpt, seed)
     if args.pretrained:
         opt['path']['param_key_g'] = args.pretrained_key  # params_ema, params, or None for a plain state dict
     for key in ('act_init', 'weight_range'):
         if getattr(args, key, None) and not (key == 'weight_range' and arm in ('v2', 'clip_only')):
             opt['network_g'][key] = getattr(args, key)
     train = opt['train']
-    train['calibration'] = {'batches': CALIB_BATCHES}
     if arm in ('qat', 'offsets_only', 'clip_only', 'qlr10'):
         train['cooperation'] = 'off'
         if arm == 'offsets_only':
@@ -333,11 +288,6 @@ def measure_var_unit(args, train_set, layers, device):
 # Evaluation
 # ---------------------------------------------------------------------------------------------------------------
 
-def benchmark_pairs(data, name, scale):
-    """The scoring pairs ``(name, lq, gt)`` of ``<data>/benchmark/<name>``."""
-    return scoring.load_benchmark(os.path.join(data, 'benchmark'), name, scale)
-
-
 def evaluate(net_opt, checkpoint, sets, scale, device, param_key='params_ema'):
     """``{set: {'psnr', 'ssim', 'per_image_psnr'}}`` of a trained (or the pretrained) network."""
     net = scoring.load_network(net_opt, checkpoint, device, param_key)
@@ -348,13 +298,6 @@ def evaluate(net_opt, checkpoint, sets, scale, device, param_key='params_ema'):
 # ---------------------------------------------------------------------------------------------------------------
 # Statistics and tables
 # ---------------------------------------------------------------------------------------------------------------
-
-def _mean_std(values):
-    if not values:
-        return None, None
-    mean = statistics.fmean(values)
-    return mean, (statistics.stdev(values) if len(values) > 1 else None)
-
 
 def summarize(runs, args):
     """Rows per (arm, layer set) with mean/std per set and metric, paired delta vs qat and a verdict."""
@@ -374,7 +317,7 @@ def summarize(runs, args):
                 cell = {}
                 for metric in ('psnr', 'ssim'):
                     vals = [g['metrics'][set_name][metric] for g in group.values()]
-                    mean, std = _mean_std(vals)
+                    mean, std = mean_std(vals)
                     cell[metric] = {'mean': mean, 'std': std}
                     if arm == 'qat':
                         continue
@@ -384,7 +327,7 @@ def summarize(runs, args):
                     else:
                         diffs = [group[s]['metrics'][set_name][metric] - qat[s]['metrics'][set_name][metric]
                                  for s in group if s in qat]
-                    d_mean, d_std = _mean_std(diffs)
+                    d_mean, d_std = mean_std(diffs)
                     verdict = None
                     if d_std is not None:
                         verdict = 'tie' if abs(d_mean) < 2 * d_std else ('win' if d_mean > 0 else 'loss')
@@ -503,8 +446,7 @@ def main(argv=None):
                        'coop': coop, 'loss_weight': (stage.opt['train'].get('reg_opt') or {}).get('loss_weight'),
                        'options': os.path.join(out, 'options', f'{stage.name}.yml'),
                        'checkpoint': os.path.join(out, stage.checkpoint)}
-                with open(run_path, 'w', encoding='utf-8') as f:
-                    json.dump(run, f, indent=2)
+                write_json(run_path, run)
                 run = {**run, 'skipped': False}
             log(f'[{stage.name}] Set5 {run["metrics"]["Set5"]["psnr"]:.2f} dB, '
                 f'Set14 {run["metrics"]["Set14"]["psnr"]:.2f} dB')

@@ -1,8 +1,17 @@
-"""A folder of HR images made into the HR / LR pairs that BasicSR's ``PairedImageDataset`` trains on."""
+"""A folder of HR images made into the HR / LR pairs that BasicSR's ``PairedImageDataset`` trains on, and the
+benchmark sets of the study scripts.
+
+The study scripts' data root (``--data``) holds ``train/<set>/`` (HR images) and ``benchmark/<Set>/HR``,
+``benchmark/<Set>/LRbicx<scale>`` (BasicSR's benchmark folders).
+"""
 import math
 import os
 
-from odm_basicsr.scoring import IMAGE_EXTS, image_files
+from odm_basicsr.scoring import IMAGE_EXTS, image_files, load_benchmark
+
+DEFAULT_DATA = os.path.join('..', 'shared', 'data')  # the shared data root, from the repository root
+DEFAULT_TRAIN_SETS = ('T91', 'BSD200')
+BENCHMARKS = ('Set5', 'Set14')
 
 
 def hr_images(folder):
@@ -14,6 +23,16 @@ def hr_images(folder):
     return [os.path.join(hr_dir, f) for f in files]
 
 
+def bicubic_lr(hr, scale):
+    """The 8-bit LR image of an 8-bit HR image: BasicSR's MATLAB-compatible bicubic ``1 / scale``, rounded (as
+    DIV2K's and the benchmarks' LR files are made)."""
+    import numpy as np
+    from basicsr.utils.matlab_functions import imresize
+
+    lr = imresize(hr.astype(np.float32) / 255., 1. / scale)
+    return np.clip(np.round(lr * 255.), 0, 255).astype(np.uint8)
+
+
 def prepare_paired_data(hr_paths, out, scale, min_size, log=print, prog='odm-demo'):
     """Write ``HR/*.png`` (cropped to a multiple of ``scale``) and ``LR_bicubic/X<scale>/*.png`` under ``out``.
 
@@ -22,7 +41,6 @@ def prepare_paired_data(hr_paths, out, scale, min_size, log=print, prog='odm-dem
     """
     import cv2
     import numpy as np
-    from basicsr.utils.matlab_functions import imresize
 
     hr_dir, lr_dir = os.path.join(out, 'HR'), os.path.join(out, 'LR_bicubic', f'X{scale}')
     os.makedirs(hr_dir, exist_ok=True)
@@ -44,10 +62,8 @@ def prepare_paired_data(hr_paths, out, scale, min_size, log=print, prog='odm-dem
             skipped.append(f'{os.path.basename(path)} ({img.shape[1]}x{img.shape[0]} < {min_size} px)')
             continue
         img = np.ascontiguousarray(img[:h, :w])
-        lr = imresize(img.astype(np.float32) / 255., 1. / scale)
-        lr = np.clip(np.round(lr * 255.), 0, 255).astype(np.uint8)
         cv2.imwrite(hr_out, img)
-        cv2.imwrite(lr_out, lr)
+        cv2.imwrite(lr_out, bicubic_lr(img, scale))
         count += 1
         made += 1
     if skipped:
@@ -71,3 +87,8 @@ def paired_dataset_opt(paired, scale, lr_patch, batch):
     return {'name': 'data_train', 'type': 'PairedImageDataset', 'dataroot_gt': os.path.abspath(hr_dir),
             'dataroot_lq': os.path.abspath(lr_dir), 'filename_tmpl': '{}', 'io_backend': {'type': 'disk'},
             'dataset_enlarge_ratio': max(1, math.ceil(100 * batch / count)), **patch_options(scale, lr_patch, batch)}
+
+
+def benchmark_pairs(data, name, scale):
+    """The scoring pairs ``(name, lq, gt)`` of ``<data>/benchmark/<name>``, loaded."""
+    return load_benchmark(os.path.join(data, 'benchmark'), name, scale)

@@ -1,5 +1,19 @@
-"""The BasicSR options of one training run of a study: the demo's recipe (L1 loss, Adam, multi-step schedule)."""
+"""The BasicSR options of one training run of a study: the demo's recipe (L1 loss, Adam, multi-step schedule).
+
+:func:`training_options` is the recipe of every run (the demo's stages too). :func:`fp_options` and
+:func:`qat_options` are the two runs of the study scripts (``scripts/mini_study.py``, ``scripts/deploy_study.py``):
+an FP network trained from scratch and a short plain-QAT fine-tune of a pretrained one, neither validated during
+training (:func:`strip_val`: the scripts score every run afterwards).
+"""
 from copy import deepcopy
+
+# The study scripts' recipe (the demo's is in odm_basicsr.demo.recipe).
+FP_LR = 1e-3  # halved at 2/3 of the FP run
+QAT_LR = 1e-4  # constant
+FP_SEED = 10
+BATCH = 8
+LR_PATCH = 24  # HR patch 96 at x4: keeps most of T91 (78 to 508 px; smaller images are skipped)
+CALIB_BATCHES = 4  # train.calibration.batches of a QAT run
 
 
 def num_gpu(device):
@@ -38,4 +52,30 @@ def training_options(name, scale, device, train_set, total_iter, lr, milestones,
         }}
     opt['logger'] = {'print_freq': max(1, total_iter // 10), 'save_checkpoint_freq': max(1, total_iter // 5),
                      'use_tb_logger': True, 'wandb': {'project': None, 'resume_id': None}}
+    return opt
+
+
+def strip_val(opt):
+    """No in-training validation (a study scores every run itself afterwards); one checkpoint, at the end."""
+    opt['datasets'].pop('val', None)
+    opt.pop('val', None)
+    opt['logger']['save_checkpoint_freq'] = opt['train']['total_iter']
+    return opt
+
+
+def fp_options(name, scale, device, train_set, total_iter, network_g, seed=FP_SEED):
+    """An FP run from scratch: Adam lr FP_LR, halved at 2/3 of the run; no validation."""
+    return strip_val(training_options(name, scale, device, train_set, total_iter, FP_LR,
+                                      [max(1, (2 * total_iter) // 3)], network_g, seed))
+
+
+def qat_options(name, scale, device, train_set, total_iter, network_g, pretrained, seed):
+    """A plain-QAT fine-tune: ``ODMModel`` on ``network_g`` (a ``Quantized`` network) from the FP checkpoint
+    ``pretrained``, Adam lr QAT_LR constant, CALIB_BATCHES calibration batches; no validation. The caller sets
+    what its arm changes (``train.cooperation``, ``reg_opt``, ``path.param_key_g``, ...)."""
+    opt = strip_val(training_options(name, scale, device, train_set, total_iter, QAT_LR, [10 * total_iter],
+                                     network_g, seed))
+    opt['model_type'] = 'ODMModel'
+    opt['path']['pretrain_network_g'] = pretrained
+    opt['train']['calibration'] = {'batches': CALIB_BATCHES}
     return opt

@@ -2,6 +2,7 @@
 import json
 import os
 import platform
+import statistics
 
 
 def load_average():
@@ -35,9 +36,21 @@ def fmt_time(seconds):
     return f'{int(seconds) // 60}:{int(seconds) % 60:02d}'
 
 
+def mean_std(values):
+    """``(mean, sample std)`` of ``values``: ``(None, None)`` when empty, std None for a single value."""
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def write_json(path, value):
+    """Write ``value`` to ``path`` as indented JSON."""
+    with open(path, 'w', encoding='utf-8') as f:
+        json.dump(value, f, indent=2)
+
+
 def write_results(stem, results, markdown):
     """Write ``<stem>.json`` (``results``) and ``<stem>.md`` (``markdown``)."""
-    with open(f'{stem}.json', 'w', encoding='utf-8') as f:
-        json.dump(results, f, indent=2)
+    write_json(f'{stem}.json', results)
     with open(f'{stem}.md', 'w', encoding='utf-8') as f:
         f.write(markdown)

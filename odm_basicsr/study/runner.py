@@ -13,6 +13,7 @@ import sys
 import time
 from copy import deepcopy
 
+from .results import write_json
 from .train_record import RecordTail, read_record, record_path
 
 
@@ -171,7 +172,6 @@ def run_stage(stage, log=print, prog='odm-demo'):
         raise SystemExit(f'{prog}: error: stage {stage.name} failed (exit status {rc}); last output:\n'
                          + '\n'.join(tail) + f'\n(full output: {os.path.abspath("console")}/{stage.name}.txt)')
     meta = {'train_wall_s': round(seconds, 1), **record_summary(read_record(stage.record)), 'iters': total}
-    with open(meta_path, 'w', encoding='utf-8') as f:
-        json.dump(meta, f, indent=2)
+    write_json(meta_path, meta)
     log(f'[{stage.name}] done in {seconds:.0f} s')
     return {**meta, 'skipped': False}
