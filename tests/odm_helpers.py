@@ -1,4 +1,4 @@
-"""Option dicts shared by the ODMModel tests (not a test module)."""
+"""Helpers shared by the tests: option dicts, tiny arch options, study data, scripts, gloo ranks (not a test module)."""
 import copy
 
 TINY_EDSR = {'type': 'EDSR', 'num_in_ch': 3, 'num_out_ch': 3, 'num_feat': 8, 'num_block': 2, 'upscale': 2}
@@ -53,6 +53,49 @@ def load_script(name):
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def smooth_image(rng, h, w):
+    """A smooth random colour image (uint8 BGR): bicubic-friendly, unlike white noise."""
+    import cv2
+    import numpy as np
+    small = rng.uniform(0, 255, (h // 8, w // 8, 3)).astype(np.float32)
+    img = cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC)
+    return np.clip(img + rng.normal(0, 8, img.shape), 0, 255).astype(np.uint8)
+
+
+def make_study_data(root, scale, train_images, train_size, bench_size):
+    """The study scripts' data root in ``root`` (a ``pathlib.Path``), of :func:`smooth_image` images (seed 0):
+    ``train/T91`` (``train_images`` HR images, ``train_size`` = (h, w)) and ``benchmark/Set5``, ``Set14`` (2 images
+    each, ``bench_size``: HR and LRbicx<scale>, MATLAB bicubic). Returns ``root``."""
+    import cv2
+    import numpy as np
+
+    from odm_basicsr.study.data import bicubic_lr
+    rng = np.random.default_rng(0)
+    train = root / 'train' / 'T91'
+    train.mkdir(parents=True)
+    for i in range(train_images):
+        cv2.imwrite(str(train / f't{i}.png'), smooth_image(rng, *train_size))
+    for name in ('Set5', 'Set14'):
+        hr_dir, lr_dir = root / 'benchmark' / name / 'HR', root / 'benchmark' / name / f'LRbicx{scale}'
+        hr_dir.mkdir(parents=True)
+        lr_dir.mkdir(parents=True)
+        for i in range(2):
+            hr = smooth_image(rng, *bench_size)
+            cv2.imwrite(str(hr_dir / f'img{i}.png'), hr)
+            cv2.imwrite(str(lr_dir / f'img{i}.png'), bicubic_lr(hr, scale))
+    return root
+
+
+def run_script(script, args, cwd, timeout=300):
+    """``python <script> <args>`` in ``cwd`` on one passive OpenMP thread; the CompletedProcess (text captured)."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, OMP_NUM_THREADS='1', OMP_WAIT_POLICY='PASSIVE')
+    return subprocess.run([sys.executable, script] + args, cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def _gloo_worker(rank, fn, world_size, init_file, result_file):

@@ -3,66 +3,33 @@ shared training data."""
 import json
 import math
 import os
-import subprocess
-import sys
 
-import numpy as np
 import pytest
+from odm_helpers import load_script, make_study_data, run_script
 
 import odm_basicsr.plugin  # noqa: F401  (BasicSR fixes + registration first)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = os.path.join(ROOT, 'scripts')
-SCRIPT = os.path.join(SCRIPTS, 'deploy_study.py')
+SCRIPT = os.path.join(ROOT, 'scripts', 'deploy_study.py')
 SHARED = os.path.join(ROOT, '..', 'shared', 'data')
 SCALE = 2
-
-
-def _image(rng, h, w):
-    """A smooth random colour image (uint8 BGR)."""
-    import cv2
-    small = rng.uniform(0, 255, (h // 8, w // 8, 3)).astype(np.float32)
-    img = cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC)
-    return np.clip(img + rng.normal(0, 8, img.shape), 0, 255).astype(np.uint8)
 
 
 @pytest.fixture(scope='module')
 def tiny_data(tmp_path_factory):
     """train/T91 (3 images), benchmark/Set5 and Set14 (2 images each, HR + LRbicx2), and a random-init FP EDSR
     (8 channels, 2 blocks, x2) with its option file."""
-    import cv2
     import torch
+    import yaml
     from basicsr.archs import build_network
-    from basicsr.utils.matlab_functions import imresize
 
-    root = tmp_path_factory.mktemp('deploy_study_data')
-    rng = np.random.default_rng(0)
-    train = root / 'train' / 'T91'
-    train.mkdir(parents=True)
-    for i in range(3):
-        cv2.imwrite(str(train / f't{i}.png'), _image(rng, 96, 112))
-    for name in ('Set5', 'Set14'):
-        hr_dir, lr_dir = root / 'benchmark' / name / 'HR', root / 'benchmark' / name / f'LRbicx{SCALE}'
-        hr_dir.mkdir(parents=True)
-        lr_dir.mkdir(parents=True)
-        for i in range(2):
-            hr = _image(rng, 40, 48)
-            lr = imresize(hr.astype(np.float32) / 255., 1. / SCALE)
-            cv2.imwrite(str(hr_dir / f'img{i}.png'), hr)
-            cv2.imwrite(str(lr_dir / f'img{i}.png'), np.clip(np.round(lr * 255.), 0, 255).astype(np.uint8))
+    root = make_study_data(tmp_path_factory.mktemp('deploy_study_data'), SCALE, 3, (96, 112), (40, 48))
     arch = {'type': 'EDSR', 'num_in_ch': 3, 'num_out_ch': 3, 'num_feat': 8, 'num_block': 2, 'upscale': SCALE}
     torch.manual_seed(0)
     torch.save({'params': build_network(dict(arch)).state_dict()}, root / 'edsr_fp.pth')
-    import yaml
     with open(root / 'edsr_fp.yml', 'w', encoding='utf-8') as f:
         yaml.safe_dump({'scale': SCALE, 'network_g': arch}, f)
     return root
-
-
-def _run(args, cwd):
-    env = dict(os.environ, OMP_NUM_THREADS='1', OMP_WAIT_POLICY='PASSIVE')
-    return subprocess.run([sys.executable, SCRIPT] + args, cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=300)
 
 
 def _finite(x):
@@ -76,7 +43,7 @@ def test_deploy_study_runs_and_resumes(tiny_data, tmp_path):
             '--edsr-qat-iters', '2', '--bits', '2', '--arms', 'midrise_free', '--train-sets', 'T91',
             '--calib-set', 'T91', '--batch', '2', '--lr-patch', '16', '--latency-size', '0',
             '--exporter', 'torchscript']  # one QAT run and one export: fits the test-time budget
-    first = _run(args, ROOT)
+    first = run_script(SCRIPT, args, ROOT)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     lines = [json.loads(line) for line in first.stdout.splitlines() if line.startswith('{"run"')]
     assert [line['run'] for line in lines] == ['edsr_fp', 'edsr_w2_midrise_free_s0']  # one JSON line per run
@@ -108,7 +75,7 @@ def test_deploy_study_runs_and_resumes(tiny_data, tmp_path):
     assert '| edsr | W2A2 | midrise_free |' in md and '## Paired comparisons' in md
     assert len(list((out / 'calib_lr' / f'x{SCALE}').glob('*.png'))) == 3  # every T91 image once (< 8 there)
 
-    second = _run(args, ROOT)
+    second = run_script(SCRIPT, args, ROOT)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert 'training:' not in second.stdout and '[edsr_w2_midrise_free_s0] skipped' in second.stdout
     again = json.loads((out / 'study.json').read_text())
@@ -120,9 +87,7 @@ def test_deploy_study_runs_and_resumes(tiny_data, tmp_path):
 def test_calibration_crops_from_bsd200(tmp_path):
     import cv2
 
-    sys.path.insert(0, SCRIPTS)
-    import deploy_study
-
+    deploy_study = load_script('deploy_study')
     folder = deploy_study.make_calib_crops(SHARED, 'BSD200', 4, str(tmp_path / 'x4'), n=3)
     files = sorted(os.listdir(folder))
     assert files == ['calib_00.png', 'calib_01.png', 'calib_02.png']

@@ -3,10 +3,9 @@ import json
 import math
 import os
 import subprocess
-import sys
 
-import numpy as np
 import pytest
+from odm_helpers import load_script, make_study_data, run_script
 
 import odm_basicsr.plugin  # noqa: F401  (BasicSR fixes + registration first)
 
@@ -15,41 +14,9 @@ SCRIPT = os.path.join(ROOT, 'scripts', 'mini_study.py')
 SCALE = 4
 
 
-def _image(rng, h, w):
-    """A smooth random colour image (uint8 BGR): bicubic-friendly, unlike white noise."""
-    import cv2
-    small = rng.uniform(0, 255, (h // 8, w // 8, 3)).astype(np.float32)
-    img = cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC)
-    return np.clip(img + rng.normal(0, 8, img.shape), 0, 255).astype(np.uint8)
-
-
 @pytest.fixture(scope='module')
 def tiny_data(tmp_path_factory):
-    import cv2
-    from basicsr.utils.matlab_functions import imresize
-
-    root = tmp_path_factory.mktemp('data')
-    rng = np.random.default_rng(0)
-    train = root / 'train' / 'T91'
-    train.mkdir(parents=True)
-    for i in range(2):
-        cv2.imwrite(str(train / f't{i}.png'), _image(rng, 112, 120))
-    for name in ('Set5', 'Set14'):
-        hr_dir, lr_dir = root / 'benchmark' / name / 'HR', root / 'benchmark' / name / f'LRbicx{SCALE}'
-        hr_dir.mkdir(parents=True)
-        lr_dir.mkdir(parents=True)
-        for i in range(2):
-            hr = _image(rng, 48, 64)
-            lr = imresize(hr.astype(np.float32) / 255., 1. / SCALE)
-            cv2.imwrite(str(hr_dir / f'img{i}.png'), hr)
-            cv2.imwrite(str(lr_dir / f'img{i}.png'), np.clip(np.round(lr * 255.), 0, 255).astype(np.uint8))
-    return root
-
-
-def _run(args, cwd):
-    env = dict(os.environ, OMP_NUM_THREADS='1', OMP_WAIT_POLICY='PASSIVE')
-    return subprocess.run([sys.executable, SCRIPT] + args, cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=300)
+    return make_study_data(tmp_path_factory.mktemp('data'), SCALE, 2, (112, 120), (48, 64))
 
 
 def test_mini_study_runs_and_resumes(tiny_data, tmp_path):
@@ -57,7 +24,7 @@ def test_mini_study_runs_and_resumes(tiny_data, tmp_path):
     args = ['--out', str(out), '--data', str(tiny_data), '--train-sets', 'T91', '--arch-feat', '4',
             '--arch-block', '1', '--fp-iters', '2', '--qat-iters', '2', '--seeds', '0', '--layer-sets',
             'default', '--arms', 'fp', 'qat', 'odm']  # 3 training runs: fits the test-time budget
-    first = _run(args, tmp_path)
+    first = run_script(SCRIPT, args, tmp_path)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     study = json.loads((out / 'study.json').read_text())
     names = {r['run'] for r in study['runs']}
@@ -73,7 +40,7 @@ def test_mini_study_runs_and_resumes(tiny_data, tmp_path):
     md = (out / 'study.md').read_text()
     assert '| fp | default |' in md and '| qat | default |' in md and '| odm | default |' in md
 
-    second = _run(args, tmp_path)
+    second = run_script(SCRIPT, args, tmp_path)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert 'training:' not in second.stdout
     assert second.stdout.count('skipped') >= 3
@@ -105,16 +72,8 @@ def test_gpu_smoke_path_on_cpu_with_and_without_amp():
                                                   abs=1e-3)
 
 
-def _load_study_module():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location('mini_study', SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_summary_ties_wins_losses():
-    ms = _load_study_module()
+    ms = load_script('mini_study')
     args = type('A', (), {'layer_sets': ['default'], 'arms': ['fp', 'qat', 'odm', 'v2']})()
 
     def run(arm, seed, psnr, layers='default'):
@@ -138,7 +97,6 @@ def test_pretrained_start_plans_the_issue_arms(tiny_data, tmp_path):
     import torch
     import yaml
     from basicsr.archs import build_network
-    from odm_helpers import load_script
     study = load_script('mini_study')
     arch = {'type': 'EDSR', 'num_in_ch': 3, 'num_out_ch': 3, 'num_feat': 4, 'num_block': 1, 'upscale': SCALE}
     torch.manual_seed(0)
