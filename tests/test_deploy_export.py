@@ -143,6 +143,33 @@ def test_onnx_model_takes_and_gives_what_the_network_does(tmp_path, exporter):
             ref = deployed(x)
         assert out.shape == tuple(ref.shape) and out.dtype == np.float32
         assert psnr(torch.from_numpy(out), ref) > 60
+    import onnx
+
+    assert 'Sigmoid' not in {n.op_type for n in onnx.load(path).graph.node}  # ESA's gate: precise_sigmoids
+
+
+def test_precise_sigmoid_is_float32_sigmoid_to_one_rounding():
+    """Where a sigmoid gate is small (ESA's gates: inputs -13..-3), the rewrite keeps its relative error at float32
+    rounding, against the float64 closed form, as ``torch.sigmoid`` does; and it stays finite at the extremes."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from odm_basicsr.deploy.onnx_export import precise_sigmoids
+
+    graph = helper.make_graph([helper.make_node('Sigmoid', ['x'], ['y'])], 'g',
+                              [helper.make_tensor_value_info('x', TensorProto.FLOAT, ['n'])],
+                              [helper.make_tensor_value_info('y', TensorProto.FLOAT, ['n'])])
+    proto = precise_sigmoids(helper.make_model(graph, opset_imports=[helper.make_opsetid('', 21)]))
+    onnx.checker.check_model(proto)
+    assert [n.op_type for n in proto.graph.node] == ['Neg', 'Exp', 'Add', 'Reciprocal']
+    x = np.concatenate([np.linspace(-30, 30, 20001), [-200.0, -89.0, 89.0, 200.0]]).astype(np.float32)
+    y = create_session(proto.SerializeToString()).run(None, {'x': x})[0].astype(np.float64)
+    exact = 1 / (1 + np.exp(-x.astype(np.float64)))
+    assert np.all(np.isfinite(y)) and y[-4] == 0.0 and y[-1] == 1.0
+    normal = exact > 1e-30  # float32 normal range
+    relative = np.abs(y[normal] - exact[normal]) / exact[normal]
+    torch_relative = np.abs(torch.sigmoid(torch.from_numpy(x)).double().numpy()[normal] - exact[normal]) / exact[normal]
+    assert relative.max() < 4 * 2.0**-24 and relative.max() <= 2 * torch_relative.max()
 
 
 def test_int4_and_tensorrt_forms(tmp_path):
@@ -235,6 +262,8 @@ def test_odm_export_cli(tmp_path, capsys):
     assert report['onnxruntime']['integer_convs'] == 4 == report['onnxruntime']['quantized_convs']
     p = report['parity']['Tiny']
     assert p['images'] == 2 and p['ort_vs_deploy_within_1'] > 0.99
+    # the float noise floor: the same network in float64; no code moves on these tiny images
+    assert p['float_floor_psnr'] > 90 and p['float_floor_within_1'] == 1.0
     assert report['sizes']['compact'] < report['sizes']['fp32_checkpoint']
     assert 'integer convs (QLinearConv)' in capsys.readouterr().out
     for name in ('model.safetensors', 'model.onnx', 'model_float.onnx', 'export.md'):
@@ -271,3 +300,21 @@ def test_deploy_form_is_the_trained_network_bit_for_bit(name, bits):
     with torch.no_grad():
         trained, deploy = net(x), deployed(x)
     assert trained.shape == (2, 3, 37 * scale, 29 * scale) and torch.equal(trained, deploy)
+
+
+def test_float64_twin_keeps_the_integer_arithmetic():
+    """Only the full-precision layers change arithmetic: the integer layers keep their float32 scales (and so their
+    requantization), the original network is untouched, and the output is the deploy form's up to float rounding."""
+    from odm_basicsr.deploy.integer_layers import float64_twin, integer_layers
+
+    net = calibrated(dict(tiny('RLFN'), num_feat=16), bits=4, size=32, output_quant='auto')
+    deployed, _ = to_deploy(net)
+    twin = float64_twin(deployed)
+    assert twin.fea_conv.weight.dtype == torch.float64 and deployed.fea_conv.weight.dtype == torch.float32
+    for (_, a), (_, b) in zip(integer_layers(deployed), integer_layers(twin), strict=True):
+        assert b.weight_scale.dtype == b.in_step.dtype == torch.float32 and torch.equal(a.weight_scale, b.weight_scale)
+        assert torch.equal(a.weight_codes, b.weight_codes)
+    x = torch.rand(1, 3, 24, 24)
+    with torch.no_grad():
+        out, out64 = deployed(x), twin(x.double())
+    assert out64.dtype == torch.float64 and psnr(out64.float(), out) > 100

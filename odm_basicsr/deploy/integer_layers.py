@@ -20,6 +20,8 @@ float rounding.
 
 Plain PyTorch: no BasicSR import.
 """
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -207,3 +209,20 @@ def layer_kind(layer):
 def integer_layers(model):
     """``(name, layer)`` pairs of the integer layers of a deploy-form network."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, _IntegerLayer)]
+
+
+def float64_twin(net):
+    """A copy of a deploy-form network whose full-precision layers compute in float64, the integer layers
+    unchanged (float32 scales, float32 requantization): the same network in another float arithmetic.
+
+    Its output, against the float32 network's, is the **float noise floor** of the network: how far two float
+    implementations of its full-precision layers (PyTorch and onnxruntime, or PyTorch on one and on two threads)
+    can drift apart once their last-bit differences move a code across a grid boundary in front of an integer layer
+    and low-bit layers behind it amplify that. Call it with a float64 input; it returns float64.
+    """
+    twin = copy.deepcopy(net).double()
+    for _, layer in integer_layers(twin):
+        for key, t in layer.named_buffers(recurse=False):
+            if t is not None and t.dtype == torch.float64:
+                setattr(layer, key, t.float())
+    return twin
