@@ -318,3 +318,25 @@ def test_float64_twin_keeps_the_integer_arithmetic():
     with torch.no_grad():
         out, out64 = deployed(x), twin(x.double())
     assert out64.dtype == torch.float64 and psnr(out64.float(), out) > 100
+
+
+def test_a_layer_whose_input_was_always_zero_deploys(tmp_path):
+    """RCAN's channel attention, quantized with every layer: where the squeeze ReLU never fires on the calibration
+    batches, the next conv's input range is the unit range (not a 1e-9-wide one whose int32 bias codes would
+    overflow), and the network deploys, bit-identical to the trained one, and exports with every conv integer."""
+    torch.manual_seed(0)
+    net = build_network(dict(type='Quantized', arch=tiny('RCAN'), w_bits=4, a_bits=4, layers='all',
+                             output_quant='auto')).eval()
+    layers = dict(quantized_layers(net))
+    squeeze, excite = 'body.0.residual_group.0.rcab.3.attention.1', 'body.0.residual_group.0.rcab.3.attention.3'
+    with torch.no_grad():
+        layers[squeeze].bias.fill_(-100.0)  # the squeeze conv's output is negative: its ReLU gives zeros
+    calibrate(net, [torch.rand(2, 3, 24, 24)])
+    assert [float(b) for b in layers[excite].act_quant.bounds()] == [0.0, 1.0]
+    deployed, _ = to_deploy(net)
+    x = torch.rand(1, 3, 20, 20)
+    with torch.no_grad():
+        assert torch.equal(net(x), deployed(x))
+    path = str(tmp_path / 'm.onnx')
+    export_onnx(deployed, path, torch.rand(1, 3, 32, 32))
+    assert conv_kinds(path)['integer'] == len(layers)

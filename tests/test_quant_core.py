@@ -115,6 +115,19 @@ def _train_bounds(quantizer, x, steps, lr):
         opt.step()
 
 
+@pytest.mark.parametrize('lower,upper,expected', [
+    (0.0, 0.0, (0.0, 1.0)),  # zero on every batch: the unit range
+    (-3e-7, 5e-7, (0.0, 1.0)),
+    (2.0, 2.0, (2.0, 2.002)),  # a constant: a width of 1e-3 of it
+    (-1.0, 3.0, (-1.0, 3.0)),
+])
+def test_act_range_of_zero_and_constant_inputs(lower, upper, expected):
+    q = ActQuantizer(4, init='minmax')
+    q.set_range(lower, upper)
+    assert q.is_initialized
+    assert [float(b) for b in q.bounds()] == pytest.approx(expected, rel=1e-6)
+
+
 def test_act_range_learns_at_useful_rate_on_0_255_features():
     """EDSR features live on 0-255: a bound must move by tens, not by lr per step."""
     torch.manual_seed(0)

@@ -175,6 +175,10 @@ def _all_reduce_mean(t):
     return t
 
 
+#: A calibrated activation range within ``[-ZERO_INPUT_LIMIT, ZERO_INPUT_LIMIT]`` means the input was zero.
+ZERO_INPUT_LIMIT = 1e-6
+
+
 class ActQuantizer(nn.Module):
     """Activation quantizer with one static, learnable range ``[lower, upper]`` per layer.
 
@@ -280,9 +284,16 @@ class ActQuantizer(nn.Module):
 
     @torch.no_grad()
     def set_range(self, lower, upper):
-        """Set the bounds (floats or 0-d tensors) and mark the quantizer initialised."""
+        """Set the bounds (floats or 0-d tensors) and mark the quantizer initialised. A range within
+        ``+-ZERO_INPUT_LIMIT`` (an input that was zero) becomes ``[0, 1]``; a constant input gets a width of 1e-3 of
+        its value."""
         lower, upper = float(lower), float(upper)
-        scale = max(abs(lower), abs(upper), 1e-6)
+        if max(abs(lower), abs(upper)) < ZERO_INPUT_LIMIT:
+            # zero on every calibration batch (a dead ReLU, a channel attention that never fires): no scale to go
+            # by, so the unit range (onnxruntime's quantizer falls back to a unit step too). A range ~1e-9 wide
+            # would clip any later input to nothing and need int32 bias codes of ~1e11 in the integer conv.
+            lower, upper = 0.0, 1.0
+        scale = max(abs(lower), abs(upper))
         if upper - lower < 1e-3 * scale:  # a constant input: give the range a width
             upper = lower + 1e-3 * scale
         self.range_scale.fill_(scale)
