@@ -188,8 +188,9 @@ def compare(net, state):
 def load_state(net, state, strict=True, source='checkpoint', hint=''):
     """Load ``state`` into ``net``; the quantizer and offset entries it lacks stay as they are.
 
-    Offsets that ``state`` carries are created first (they are attached at calibration, so a fresh network has
-    none). Not strict: mismatched entries are skipped and the rest is loaded.
+    Offsets and output quantizers that ``state`` carries and ``net`` lacks are created first (offsets are attached
+    at calibration, so a fresh network has none, and so are the output quantizers ``output_quant: auto`` adds for
+    them). Not strict: mismatched entries are skipped and the rest is loaded.
 
     Args:
         source (str): How messages name the state, e.g. :func:`describe`'s ``'checkpoint a.pth [params]'``.
@@ -202,10 +203,12 @@ def load_state(net, state, strict=True, source='checkpoint', hint=''):
         CheckpointMismatchError: ``strict`` and a mismatch, or offsets in ``state`` that ``net`` cannot carry.
     """
     from odm_basicsr.quant.offsets import ensure_offsets_from_state
+    from odm_basicsr.quant.output_quantizers import ensure_output_quantizers_from_state
 
     name = type(net).__name__
     try:
         ensure_offsets_from_state(net, state)
+        ensure_output_quantizers_from_state(net, state)
     except ValueError as e:
         raise CheckpointMismatchError(f'{source} does not fit network {name}: {e}') from e
     fit = compare(net, state)

@@ -174,7 +174,8 @@ QUANTIZED = Section([
                                 expect='"auto", a list of patterns or null', doc='`~` \\| `auto` \\| list'), None,
           'Quantize the output of these quantized layers too (zero-aligned grid containing 0), so that they run as '
           'integer convolutions when deployed: `auto` (every quantized layer whose output reaches a float '
-          'operation, found by one forward pass), or patterns among the quantized layers.'),
+          'operation, found by one forward pass; with `offsets`, also the layers that feed an offset\'s float '
+          'shift / scale, added at calibration), or patterns among the quantized layers.'),
     Field('output_bits', _bits(fp=False), 8, 'Bits of the output quantizers.'),
 ], rules=[
     Rule('`clip_correction` needs quantized weights (`w_bits` 2..8).', _clip_correction_needs_weights),

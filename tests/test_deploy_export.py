@@ -332,7 +332,7 @@ def test_a_layer_whose_input_was_always_zero_deploys(tmp_path):
     with torch.no_grad():
         layers[squeeze].bias.fill_(-100.0)  # the squeeze conv's output is negative: its ReLU gives zeros
     calibrate(net, [torch.rand(2, 3, 24, 24)])
-    assert [float(b) for b in layers[excite].act_quant.bounds()] == [0.0, 1.0]
+    assert [float(b.detach()) for b in layers[excite].act_quant.bounds()] == [0.0, 1.0]
     deployed, _ = to_deploy(net)
     x = torch.rand(1, 3, 20, 20)
     with torch.no_grad():

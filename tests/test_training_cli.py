@@ -233,3 +233,34 @@ def test_odm_train_in_every_mode(mode, tmp_path):
     ckpt = torch.load(tmp_path / 'experiments' / f'odm_{mode}' / 'models' / 'net_g_2.pth', weights_only=True)
     has_offsets = any('.offset.' in k for k in ckpt['params'])
     assert has_offsets == (mode != 'off')
+
+
+def test_offsets_with_auto_output_quantizers_train_the_way_they_export(tmp_path):
+    """A distribution offset puts a float shift / scale in front of its layer, so with ``output_quant: auto`` the
+    layer feeding it gets an output quantizer at calibration; the EMA copy mirrors it, the checkpoint carries it,
+    and odm-export needs to add none: every quantized conv runs as an integer conv, as trained."""
+    opt = copy.deepcopy(BASE)
+    opt.update(name='odm_outq', model_type='ODMModel')
+    opt['train'].update(cooperation='feature', calibration={'batches': 1}, total_iter=2, ema_decay=0.9)
+    opt['train']['reg_opt'] = {'type': 'FeatureVarianceLoss', 'loss_weight': 1e-4}
+    opt['network_g'].update(offsets={'fraction': 0.5}, output_quant='auto')
+    opt['logger']['save_checkpoint_freq'] = 2
+    opt['val']['val_freq'] = 2
+    out = run(['odm-train', '-opt', str(write_opt(tmp_path, opt))], tmp_path)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    log = next((tmp_path / 'experiments' / 'odm_outq').glob('train_*.log')).read_text()
+    # EDSR's conv2 feed the float residual addition (built with output quantizers); offsets go on the two conv2
+    # (the largest mismatch), whose producers conv1 now feed the offsets' float shift / scale
+    assert "output quantizers for the layers that now feed an offset: ['body.0.conv1', 'body.1.conv1']" in log
+    ckpt_path = tmp_path / 'experiments' / 'odm_outq' / 'models' / 'net_g_2.pth'
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    for key in ('params', 'params_ema'):
+        assert {k.split('.out_quant.')[0] for k in ckpt[key] if '.out_quant.' in k} == {
+            'body.0.conv1', 'body.0.conv2', 'body.1.conv1', 'body.1.conv2'}
+    out = run(['odm-export', '-opt', str(tmp_path / 'opt.yml'), '--checkpoint', str(ckpt_path), '--out',
+               str(tmp_path / 'export'), '--latency-size', '0'], tmp_path)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    import json
+    report = json.loads((tmp_path / 'export' / 'export.json').read_text())
+    assert report['added_output_quantizers'] == []
+    assert report['onnxruntime']['integer_convs'] == 4 == report['onnxruntime']['quantized_convs']

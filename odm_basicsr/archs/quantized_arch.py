@@ -112,7 +112,7 @@ def Quantized(arch=REQUIRED, **options):
     net.quant_config = dict(arch=dict(arch), w_bits=w_bits, a_bits=a_bits, layers=names,
                             fp=w_bits == FP_BITS and a_bits == FP_BITS, act_options=act_options,
                             weight_options=weight_options, offsets=opt['offsets'], output_layers=out_names,
-                            output_bits=opt['output_bits'])
+                            output_quant=opt['output_quant'], output_bits=opt['output_bits'])
     return net
 
 

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 
 from odm_basicsr.quant import (
     CalibrationError,
+    add_auto_output_quantizers,
     add_offsets,
     all_initialized,
     calibrate,
@@ -78,6 +79,9 @@ def calibrate_for_training(net, opt, device, logger, batches=8, mode='fp'):
             for name, s in scores.items()))
         for row in offset_report(net):
             logger.info(f'  offset {row}')
+        added = add_auto_output_quantizers(net)  # the offsets' float input side: see the function
+        if added:
+            logger.info(f'output_quant auto: output quantizers for the layers that now feed an offset: {added}')
     try:
         calibrate(net, lq, mode)
     except CalibrationError as e:

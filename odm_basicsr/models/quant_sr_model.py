@@ -24,6 +24,7 @@ from odm_basicsr.checkpoint import load_weights
 from odm_basicsr.guards import check_finite
 from odm_basicsr.quant import ActQuantizer
 from odm_basicsr.quant.offsets import DistributionOffset, ensure_offsets_like
+from odm_basicsr.quant.output_quantizers import ensure_output_quantizers_like
 
 _KEPT = 'nothing was written (a file already there is left as it was)'
 
@@ -67,10 +68,12 @@ class QuantSRModel(SRModel):
 
     def model_ema(self, decay=0.999):
         """The EMA of :mod:`odm_basicsr.compat` (parameters averaged, buffers copied), extended to quantizer state:
-        offsets mirrored, quantizers initialised after the EMA copy start their average at their current value."""
+        offsets and output quantizers mirrored, quantizers initialised after the EMA copy start their average at
+        their current value."""
         net_g = self.get_bare_model(self.net_g)
         source = dict(net_g.named_modules())
         fresh = [f'{name}.offset.' for name in ensure_offsets_like(self.net_g_ema, net_g)]
+        fresh += [f'{name}.out_quant.' for name in ensure_output_quantizers_like(self.net_g_ema, net_g)]
         quantizers = [(name, q) for name, q in self.net_g_ema.named_modules() if isinstance(q, ActQuantizer)]
         # Python mirrors of the flags: no host sync per quantizer per EMA step
         fresh += [f'{name}.' for name, q in quantizers if not q.is_initialized and source[name].is_initialized]

@@ -32,6 +32,11 @@ from .offsets import (
     select_offset_layers,
     shift_init,
 )
+from .output_quantizers import (
+    add_auto_output_quantizers,
+    ensure_output_quantizers_from_state,
+    ensure_output_quantizers_like,
+)
 from .quantizers import ActQuantizer, WeightQuantizer, mse_range, mse_symmetric_range, percentile
 
 __all__ = [
@@ -40,7 +45,8 @@ __all__ = [
     'ActQuantizer', 'ChannelStats', 'DistributionOffset', 'FP_BITS', 'OFFSET_KINDS', 'QConv2d', 'QLinear',
     'QUANTIZED_TYPES', 'QuantizedLayerMixin', 'VALID_BITS', 'WeightQuantizer', 'act_quantizers', 'add_offsets',
     'all_initialized', 'attach_offsets', 'calibration', 'channel_mismatch', 'channel_statistics', 'check_bits',
-    'clip_to_range', 'collect_channel_stats', 'ensure_offsets_from_state', 'ensure_offsets_like', 'fake_quantize',
+    'add_auto_output_quantizers', 'clip_to_range', 'collect_channel_stats', 'ensure_offsets_from_state',
+    'ensure_offsets_like', 'ensure_output_quantizers_from_state', 'ensure_output_quantizers_like', 'fake_quantize',
     'fold_offset', 'fold_offsets', 'mismatch_scores', 'offset_layers', 'offset_report', 'percentile',
     'quantizable_layers', 'quantized_layers', 'quantizer_state_keys', 'round_ste', 'scale_init', 'select_layers',
     'select_offset_layers', 'shift_init', 'swap_layers'
