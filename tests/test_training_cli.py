@@ -176,7 +176,8 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
     opt.update(name='exact', model_type='ODMModel')  # calibration, offsets and quantizer state all round-trip
     opt['train'].update(cooperation='feature', reg_opt={'type': 'FeatureVarianceLoss', 'loss_weight': 1e-4},
                         calibration={'batches': 2})
-    opt['network_g']['offsets'] = {'fraction': 0.5}
+    # output quantizers: two at build, two more at calibration for the layers feeding the offsets
+    opt['network_g'].update(offsets={'fraction': 0.5}, output_quant='auto')
     opt['datasets']['train']['dataset_enlarge_ratio'] = 2  # 5 iterations per epoch: the resume is mid-epoch
     opt['train']['total_iter'] = 6
     opt['val']['val_freq'] = 1000
