@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 
+from odm_basicsr.study.argtypes import non_negative_int, positive_int
 from odm_basicsr.tool_cli import ToolError, run_cli
 
 OUTPUT_QUANT_HELP = ('auto: an 8-bit output quantizer (calibrated on --calib images) on every quantized conv whose '
@@ -51,7 +52,7 @@ def build_parser():
     p.add_argument('--calib', default=None,
                    help='folder of LR images to calibrate the output quantizers that --output-quant auto adds '
                         '(default: the option file\'s training LQ folder)')
-    p.add_argument('--calib-images', type=int, default=8, help='calibration images used (default: 8)')
+    p.add_argument('--calib-images', type=positive_int, default=8, help='calibration images used (default: 8)')
     p.add_argument('--data', default=None, help='benchmark root (<Set>/HR, <Set>/LRbicx<scale>) for parity')
     p.add_argument('--sets', nargs='+', default=['Set5'], help='benchmark sets for parity (default: Set5)')
     p.add_argument('--exporter', default='auto', choices=('auto', 'dynamo', 'torchscript'),
@@ -59,7 +60,8 @@ def build_parser():
     p.add_argument('--allow-float', action='store_true',
                    help='keep quantized layers the ONNX writer has no integer form for (linear) in float arithmetic')
     p.add_argument('--no-onnx', action='store_true', help='write the compact file only')
-    p.add_argument('--latency-size', type=int, default=64, help='LR side of the latency check (0: skip)')
+    p.add_argument('--latency-size', type=non_negative_int, default=64,
+                   help='LR side of the latency check (0: skip)')
     return p
 
 
@@ -207,6 +209,8 @@ def run(args):
 
     if not os.path.isfile(args.checkpoint):
         raise ToolError(f'checkpoint file not found: {args.checkpoint}')
+    if args.calib is not None and not os.path.isdir(args.calib):
+        raise ToolError(f'calibration folder not found: {args.calib}')
     net_opt, scale = read_network_options(args.opt, args.scale)
     if net_opt.get('type') != 'Quantized':
         raise ToolError(f'{args.opt}: network_g is {net_opt.get("type")!r}, not a Quantized network; export the '
@@ -216,6 +220,11 @@ def run(args):
     key = load_weights(net, args.checkpoint, args.param_key)
     net.eval()
     probe = example_input(net, net.quant_config['arch'], size=48)
+    with torch.no_grad():
+        factor = net(probe).shape[-1] // probe.shape[-1]
+    if factor != scale:
+        raise ToolError(f'the network upscales by {factor}, not {scale} ('
+                        + ('--scale' if args.scale else "the option file's scale") + ')')
     mode, calib = args.output_quant, None
     if mode == 'auto':
         needed = _output_quantizers_needed(net, probe)

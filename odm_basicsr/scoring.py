@@ -50,6 +50,8 @@ def to_tensor(bgr):
 
 def list_pairs(root, set_name, scale):
     """``[(name, lr_path, hr_path)]`` of one benchmark set; LR files may carry an ``x<scale>`` suffix."""
+    if not os.path.isdir(root):
+        raise ToolError(f'benchmark folder not found: {root}')
     set_dir = os.path.join(root, set_name)
     if not os.path.isdir(set_dir):
         avail = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))

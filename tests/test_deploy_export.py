@@ -280,6 +280,10 @@ def test_odm_export_errors(tmp_path, capsys):
         (['--checkpoint', str(tmp_path / 'nope.pth')], 'checkpoint file not found'),
         (['--checkpoint', str(fp)], 'an FP checkpoint'),
         (['--checkpoint', ckpt], '--calib'),  # output quantizers to add, no images to calibrate them on
+        (['--checkpoint', ckpt, '--data', str(tmp_path / 'nowhere')], 'benchmark folder not found'),
+        (['--checkpoint', ckpt, '--calib', str(tmp_path / 'nowhere')], 'calibration folder not found'),
+        (['--checkpoint', ckpt, '--latency-size', '-3'], 'expected an integer >= 0, got -3'),
+        (['--checkpoint', ckpt, '--scale', '3'], 'the network upscales by 2, not 3 (--scale)'),
     ]
     for extra, message in cases:
         with pytest.raises(SystemExit) as e:

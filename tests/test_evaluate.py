@@ -170,6 +170,8 @@ def test_user_errors_exit_2(tmp_path, capsys):
 
     base = ['-opt', opt, '--checkpoint', str(ckpt), '--data', bench]
     fails(base + ['--sets', 'Set99'], os.path.join(bench, 'Set99'), 'unknown set')
+    fails(['-opt', opt, '--checkpoint', str(ckpt), '--data', str(tmp_path / 'nowhere'), '--sets', 'Tiny'],
+          'benchmark folder not found', 'nowhere')
     fails(['-opt', opt, '--checkpoint', str(tmp_path / 'nope.pth'), '--data', bench, '--sets', 'Tiny'], 'nope.pth')
     fails(['-opt', str(tmp_path / 'nope.yml'), '--checkpoint', str(ckpt), '--data', bench, '--sets', 'Tiny'],
           'nope.yml')

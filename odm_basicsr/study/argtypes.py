@@ -28,6 +28,11 @@ def positive_int(text):
     return _checked(text, int, lambda v: v >= 1, ('expected a positive integer',))
 
 
+def non_negative_int(text):
+    """An integer >= 0."""
+    return _checked(text, int, lambda v: v >= 0, ('expected an integer >= 0',))
+
+
 def bit_width(text):
     """A bit width of a quantized stage: an integer in 2..8."""
     return _checked(text, int, lambda v: 2 <= v <= 8, ('a bit width is an integer in 2..8',))
