@@ -344,3 +344,46 @@ def test_a_layer_whose_input_was_always_zero_deploys(tmp_path):
     path = str(tmp_path / 'm.onnx')
     export_onnx(deployed, path, torch.rand(1, 3, 32, 32))
     assert conv_kinds(path)['integer'] == len(layers)
+
+
+class _PaddedNet(torch.nn.Module):
+    """A quantized conv feeding, through a ReLU, a quantized conv with non-zero padding (exported as a Pad)."""
+
+    def __init__(self, padding_mode='reflect', upscale=2):
+        super().__init__()
+        self.head = torch.nn.Conv2d(3, 8, 3, 1, 1)
+        self.a = torch.nn.Conv2d(8, 8, 3, 1, 1)
+        self.b = torch.nn.Conv2d(8, 8, 3, 1, 1, padding_mode=padding_mode)
+        self.c = torch.nn.Conv2d(8, 8, 1)
+        self.tail = torch.nn.Conv2d(8, 3 * upscale**2, 3, 1, 1)
+        self.shuffle = torch.nn.PixelShuffle(upscale)
+
+    def forward(self, x):
+        f = self.head(x)
+        return self.shuffle(self.tail(self.c(torch.relu(self.b(torch.relu(self.a(f))))) + f))
+
+
+@pytest.mark.parametrize('padding_mode', ['reflect', 'replicate', 'circular'])
+@pytest.mark.parametrize('exporter', ['dynamo', 'torchscript'])
+def test_a_conv_feeding_a_padded_conv_stays_integer(tmp_path, padding_mode, exporter):
+    """The Pad of ``padding_mode`` is applied to the integer codes (exact for reflect / replicate / circular), so
+    the conv in front of it still feeds a QuantizeLinear and runs as an integer conv."""
+    from basicsr.utils.registry import ARCH_REGISTRY
+
+    if '_PaddedNet' not in ARCH_REGISTRY:
+        ARCH_REGISTRY.register(_PaddedNet)
+    torch.manual_seed(0)
+    net = build_network(dict(type='Quantized', arch=dict(type='_PaddedNet', padding_mode=padding_mode), w_bits=4,
+                             a_bits=4, layers=['a', 'b', 'c'], output_quant='auto')).eval()
+    calibrate(net, [torch.rand(2, 3, 24, 24)])
+    deployed, _ = to_deploy(net)
+    assert deployed.a.out_kind == 'next'  # requantized straight into b's grid
+    path = str(tmp_path / 'm.onnx')
+    report = export_onnx(deployed, path, torch.rand(1, 3, 32, 32), exporter=exporter)
+    # TorchScript writes circular padding as Slice / Concat, not Pad: the conv in front of it stays a float conv
+    sliced = (exporter, padding_mode) == ('torchscript', 'circular')
+    assert conv_kinds(path)['integer'] == 3 - sliced and report['relus_absorbed'] == 2 - sliced
+    x = torch.rand(1, 3, 19, 23)
+    with torch.no_grad():
+        assert torch.equal(net(x), deployed(x))
+        assert psnr(torch.from_numpy(run(create_session(path), x)), deployed(x)) > 100

@@ -321,12 +321,22 @@ def _rewrite_conv(g, name, layer, target, weight_format, report):
     lo_name = g.add_initializer(f'{name}.input_low', np.array(lo, dtype=dtype))
     hi_name = g.add_initializer(f'{name}.input_high', np.array(hi, dtype=dtype))
     x = conv.input[0]
-    before.extend([
+    quantize = [
         helper.make_node('QuantizeLinear', [x, s, z], [f'{name}.input_q'], name=f'{name}/input/QuantizeLinear'),
         helper.make_node('Clip', [f'{name}.input_q', lo_name, hi_name], [f'{name}.input_codes'],
-                         name=f'{name}/input/Clip'),
-        helper.make_node('DequantizeLinear', [f'{name}.input_codes', s, z], [f'{name}.input_dq'],
-                         name=f'{name}/input/DequantizeLinear')])
+                         name=f'{name}/input/Clip')]
+    codes_in = f'{name}.input_codes'
+    pad = _own_pad(g, conv, x) if layer.padding_mode != 'zeros' else None
+    if pad is not None:  # quantize before the Pad: its producer's output then feeds a QuantizeLinear (fusable)
+        quantize[0].input[0] = pad.input[0]
+        g.insert(pad, quantize)
+        pad.input[0] = codes_in
+        if len(pad.input) > 2 and pad.input[2]:  # a fill value (unused by reflect / edge / wrap) of the codes' type
+            pad.input[2] = g.add_initializer(f'{name}.pad_value', np.array(0, dtype=dtype))
+        codes_in = pad.output[0] = f'{name}.input_codes_padded'
+        quantize = []
+    before.extend(quantize + [helper.make_node('DequantizeLinear', [codes_in, s, z], [f'{name}.input_dq'],
+                                               name=f'{name}/input/DequantizeLinear')])
     conv.input[0] = f'{name}.input_dq'
     entry = dict(input_zero_point=zp, input_codes=[lo, hi])
     # output: QuantizeLinear -> (Clip) -> DequantizeLinear (a requantization into the next layer's grid is that
@@ -349,10 +359,21 @@ def _rewrite_conv(g, name, layer, target, weight_format, report):
         after.append(helper.make_node('DequantizeLinear', [codes_out, s, z], [y],
                                       name=f'{name}/output/DequantizeLinear'))
         entry.update(output_zero_point=zp, output_codes=[lo, hi], output_codes_cut=cut)
+    input_quantizer = next(n for n in g.nodes + before if n.name == f'{name}/input/QuantizeLinear')
+    input_clip = next(n for n in g.nodes + before if n.name == f'{name}/input/Clip')
     g.insert(conv, before)
     g.insert(conv, after, after=True)
     report[name] = entry
-    return before[-3], before[-2]  # the input QuantizeLinear and Clip
+    return input_quantizer, input_clip
+
+
+def _own_pad(g, conv, value):
+    """The ``Pad`` node that produces ``value`` for ``conv`` alone (a ``padding_mode`` other than zeros, which
+    the exporter writes as a ``Pad`` in front of the ``Conv``), or None."""
+    pads = [n for n in g.nodes if n.op_type == 'Pad' and n.output[0] == value]
+    if len(pads) != 1 or [id(n) for n in g.consumers(value)] != [id(conv)] or value in {o.name for o in g.graph.output}:
+        return None
+    return pads[0]
 
 
 def _absorb_relus(g, input_quantizers):
