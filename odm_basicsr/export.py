@@ -3,6 +3,9 @@
     odm-export -opt NET.yml --checkpoint C.pth --out DIR [--data BENCH --sets Set5] [--calib LR_DIR]
                [--fp16] [--format int8|int4] [--target onnxruntime|tensorrt] [--output-quant auto|trained|none]
 
+Every flag after ``--scale`` is also a key of the option file's ``export`` section
+(:data:`odm_basicsr.option_schema.EXPORT`, documented in the README), which the flag overrides.
+
 Writes to DIR:
 
 * ``model.safetensors``: the compact file (b-bit weight codes packed into bytes, full-precision layers in float32 or,
@@ -29,40 +32,53 @@ import time
 
 from odm_basicsr.study.argtypes import non_negative_int, positive_int
 from odm_basicsr.tool_cli import ToolError, run_cli
-
-OUTPUT_QUANT_HELP = ('auto: an 8-bit output quantizer (calibrated on --calib images) on every quantized conv whose '
-                     'output would stay float, so that it runs as an integer conv; trained: only those the network '
-                     'was trained with; none: no output quantizers')
+from odm_basicsr.utils.schema import Boolean, Integer, OneOf, TextList
 
 
 def build_parser():
+    from odm_basicsr.option_schema import EXPORT
+
     p = argparse.ArgumentParser(prog='odm-export', description=__doc__.split('\n\n')[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('-opt', '--opt', required=True, help='BasicSR option file (network_g of type Quantized, scale)')
+    p.add_argument('-opt', '--opt', required=True, help='BasicSR option file (network_g of type Quantized, scale; '
+                   'its "export" section, if any, sets defaults for the flags below)')
     p.add_argument('--checkpoint', required=True, help='trained or calibrated quantized checkpoint (.pth)')
     p.add_argument('--out', required=True, help='output folder')
     p.add_argument('--param-key', default='params_ema', help='checkpoint entry (falls back to params)')
     p.add_argument('--scale', type=int, default=None, help='upscaling factor (default: the option file\'s)')
-    p.add_argument('--fp16', action='store_true', help='store the full-precision layers in float16')
-    p.add_argument('--format', default='int8', choices=('int8', 'int4'), dest='weight_format',
-                   help='ONNX weight initializers: int8 (fast in onnxruntime) or int4 (smaller)')
-    p.add_argument('--target', default='onnxruntime', choices=('onnxruntime', 'tensorrt'),
-                   help='tensorrt also writes model_tensorrt.onnx (int8 activations with zero point 0)')
-    p.add_argument('--output-quant', default='auto', choices=('auto', 'trained', 'none'), help=OUTPUT_QUANT_HELP)
-    p.add_argument('--calib', default=None,
-                   help='folder of LR images to calibrate the output quantizers that --output-quant auto adds '
-                        '(default: the option file\'s training LQ folder)')
-    p.add_argument('--calib-images', type=positive_int, default=8, help='calibration images used (default: 8)')
-    p.add_argument('--data', default=None, help='benchmark root (<Set>/HR, <Set>/LRbicx<scale>) for parity')
-    p.add_argument('--sets', nargs='+', default=['Set5'], help='benchmark sets for parity (default: Set5)')
-    p.add_argument('--exporter', default='auto', choices=('auto', 'dynamo', 'torchscript'),
-                   help='PyTorch ONNX exporter of the float graph (auto: dynamo if onnxscript is installed)')
-    p.add_argument('--allow-float', action='store_true',
-                   help='keep quantized layers the ONNX writer has no integer form for (linear) in float arithmetic')
-    p.add_argument('--no-onnx', action='store_true', help='write the compact file only')
-    p.add_argument('--latency-size', type=non_negative_int, default=64,
-                   help='LR side of the latency check (0: skip)')
+    for name, field in EXPORT.fields.items():  # one flag per option of the export section, which it overrides
+        text = f'{field.doc} (option file: export.{name}; default: {field.shown_default()})'.replace('%', '%%')
+        kind = field.kind
+        flag = '--' + name.replace('_', '-')
+        if isinstance(kind, Boolean):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+        elif isinstance(kind, TextList):
+            p.add_argument(flag, nargs='+', default=None, help=text)
+        elif isinstance(kind, Integer):
+            p.add_argument(flag, type={0: non_negative_int, 1: positive_int}.get(kind.minimum, int), default=None,
+                           help=text)
+        elif isinstance(kind, OneOf):
+            p.add_argument(flag, choices=kind.choices, default=None, help=text)
+        else:
+            p.add_argument(flag, default=None, help=text)
     return p
+
+
+def export_options(args):
+    """The ``export`` options: the option file's ``export`` section, overridden by the flags given, validated by
+    :data:`odm_basicsr.option_schema.EXPORT` (defaults filled in)."""
+    from odm_basicsr.network_options import read_option_file
+    from odm_basicsr.option_schema import EXPORT
+    from odm_basicsr.utils.schema import OptionError
+
+    section = read_option_file(args.opt)[0].get('export') or {}
+    if not isinstance(section, dict):
+        raise ToolError(f'{args.opt}: option "export" must be a mapping, got {section!r}')
+    given = {name: getattr(args, name) for name in EXPORT.fields if getattr(args, name) is not None}
+    try:
+        return EXPORT.validate({**section, **given}, where='export')
+    except OptionError as e:
+        raise ToolError(f'{args.opt}: {e}') from e
 
 
 def _fail_deploy(e):
@@ -209,6 +225,8 @@ def run(args):
 
     if not os.path.isfile(args.checkpoint):
         raise ToolError(f'checkpoint file not found: {args.checkpoint}')
+    options = export_options(args)
+    args = argparse.Namespace(**{**vars(args), **options})
     if args.calib is not None and not os.path.isdir(args.calib):
         raise ToolError(f'calibration folder not found: {args.calib}')
     net_opt, scale = read_network_options(args.opt, args.scale)
@@ -242,7 +260,8 @@ def run(args):
     reloaded = load(compact)
     with torch.no_grad():
         reload_identical = bool(torch.equal(reloaded(probe), reference(probe)))
-    report = dict(option_file=args.opt, checkpoint=args.checkpoint, param_key=key, arch=net_opt['arch']['type'],
+    report = dict(option_file=args.opt, checkpoint=args.checkpoint, param_key=key, export_options=options,
+                  arch=net_opt['arch']['type'],
                   scale=scale, w_bits=net_opt.get('w_bits', 4), a_bits=net_opt.get('a_bits', 4),
                   quantized_layers=summary['integer_layers'], output_quant=args.output_quant,
                   added_output_quantizers=summary['added_output_quantizers'],
@@ -252,7 +271,7 @@ def run(args):
                              compact_float_dtype='float16' if args.fp16 else 'float32'),
                   compact_reload_bit_identical=reload_identical)
     session = None
-    if not args.no_onnx:
+    if args.onnx:
         session = _export_onnx(args, deployed, report, probe)
     if pairs:
         report['parity'] = {}
@@ -280,7 +299,7 @@ def run(args):
     with open(os.path.join(args.out, 'export.md'), 'w', encoding='utf-8') as f:
         f.write(md)
     print(md, end='')
-    print(f'written: {args.out}/model.safetensors' + ('' if args.no_onnx else ', model.onnx, model_float.onnx')
+    print(f'written: {args.out}/model.safetensors' + ('' if not args.onnx else ', model.onnx, model_float.onnx')
           + ', export.json, export.md')
     if not reload_identical:
         raise ToolError('the compact file does not reload to the deploy form bit for bit (a bug: please report it)')
@@ -312,7 +331,7 @@ def _export_onnx(args, deployed, report, probe):
     path, float_path = os.path.join(args.out, 'model.onnx'), os.path.join(args.out, 'model_float.onnx')
     example = torch.rand(1, probe.shape[1], 32, 32, generator=torch.Generator().manual_seed(0))
     try:
-        graph = export_onnx(deployed, path, example, weight_format=args.weight_format, exporter=args.exporter,
+        graph = export_onnx(deployed, path, example, weight_format=args.format, exporter=args.exporter,
                             float_path=float_path, allow_float=args.allow_float)
         if args.target == 'tensorrt':
             trt = export_onnx(deployed, os.path.join(args.out, 'model_tensorrt.onnx'), example, target='tensorrt',
@@ -324,7 +343,7 @@ def _export_onnx(args, deployed, report, probe):
         _fail_deploy(e)
     kinds = conv_kinds(path)
     report['sizes'].update(onnx=os.path.getsize(path), onnx_float=os.path.getsize(float_path),
-                           onnx_weight_format=args.weight_format)
+                           onnx_weight_format=args.format)
     report['onnxruntime'] = dict(integer_convs=kinds['integer'], float_convs=kinds['float'],
                                  quantized_convs=len(graph['layers']), relus_absorbed=graph['relus_absorbed'],
                                  float_layers=graph['float_layers'], ops=kinds['ops'])

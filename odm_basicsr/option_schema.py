@@ -4,13 +4,15 @@
   :func:`odm_basicsr.archs.quantized_arch.Quantized`, which validates them with it);
 * :data:`ODM_TRAIN`: the ``train`` section under ``model_type: ODMModel`` (validated by
   :mod:`odm_basicsr.utils.option_check` before any folder is made, and by ``ODMModel`` itself);
+* :data:`EXPORT`: the ``export`` section, read by ``odm-export`` (whose flags override it), checked by
+  :mod:`odm_basicsr.utils.option_check` too;
 * :data:`SECTIONS`: the sections documented in the README (``python scripts/make_option_tables.py`` writes
   them between ``<!-- options:<name> -->`` markers; a test fails when they drift).
 
 To add an option: add a :class:`~odm_basicsr.utils.schema.Field` to its section (name, kind, default, one
 paragraph of description), read the validated value where it is used (``Quantized`` gets it as an argument,
-``ODMModel`` from ``self.train_options``), and rerun ``scripts/make_option_tables.py``. A new section (e.g. the
-export options, once ``odm-export`` reads option files) is a new :class:`~odm_basicsr.utils.schema.Section` added to
+``ODMModel`` from ``self.train_options``, ``odm-export`` from the validated ``export`` section), and rerun
+``scripts/make_option_tables.py``. A new section is a new :class:`~odm_basicsr.utils.schema.Section` added to
 :data:`SECTIONS` and validated where the section is read. Combinations of options are
 :class:`~odm_basicsr.utils.schema.Rule` s of their section.
 
@@ -19,6 +21,10 @@ hint; they are BasicSR's business and otherwise let through.
 
 No BasicSR import at module level (the feature-regulariser check looks up BasicSR's loss registry when it runs).
 """
+from odm_basicsr.deploy.convert import OUTPUT_CHOICES as DEPLOY_OUTPUT_CHOICES
+from odm_basicsr.deploy.onnx_export import EXPORTERS
+from odm_basicsr.deploy.onnx_export import TARGETS as EXPORT_TARGETS
+from odm_basicsr.deploy.onnx_export import WEIGHT_FORMATS as EXPORT_WEIGHT_FORMATS
 from odm_basicsr.odm.cooperation import COOPERATION_MODES
 from odm_basicsr.quant import CALIBRATION_MODES, FP_BITS, OFFSET_KINDS, VALID_BITS
 from odm_basicsr.quant.quantizers import (
@@ -43,6 +49,8 @@ from odm_basicsr.utils.schema import (
     Patterns,
     Rule,
     Section,
+    Text,
+    TextList,
 )
 
 #: BasicSR 1.4.2's keys per section ('' = the top level): known, so that a misspelling is caught; not checked here.
@@ -258,8 +266,48 @@ ODM_TRAIN = Section([
 ], rules=[Rule('`reg_opt` is required unless `cooperation: off`.', _regulariser_given)],
     passthrough=BASICSR_KEYS['train'], passthrough_doc="BasicSR's", owner='ODMModel\'s "train"')
 
+# ------------------------------------------------------------------------------------------------- export: odm-export
+def _int4_needs_onnx(values, label):
+    if values['format'] == 'int4' and not values['onnx']:
+        return f'{label("format")} int4 is a format of the ONNX model, but {label("onnx")} is false'
+
+
+#: The ``export`` section of an option file, read by ``odm-export`` (each key is also a command-line flag, which
+#: overrides it: ``fp16`` is ``--fp16``, ``calib_images`` is ``--calib-images``, ``onnx: false`` is ``--no-onnx``).
+EXPORT = Section([
+    Field('fp16', Boolean(), False, 'Store the full-precision layers of the compact file in float16.'),
+    Field('format', OneOf(EXPORT_WEIGHT_FORMATS), 'int8',
+          'ONNX weight initializers: `int8` containers (onnxruntime runs the convs as integer `QLinearConv`) or '
+          '`int4` (smaller; onnxruntime runs float convs today; needs midtread weights of at most 4 bits or midrise '
+          'of at most 3).'),
+    Field('target', OneOf(EXPORT_TARGETS), 'onnxruntime',
+          '`tensorrt` also writes `model_tensorrt.onnx`: int8 activations with zero point 0, the form TensorRT '
+          'takes (exported, untested here).'),
+    Field('output_quant', OneOf(DEPLOY_OUTPUT_CHOICES), 'auto',
+          '`auto`: an 8-bit output quantizer (calibrated on `calib` images) on every quantized conv whose output '
+          'would stay float, so that it runs as an integer conv; `trained`: only those the network was trained '
+          'with; `none`: none.'),
+    Field('calib', AnyOf(None, Text('path', 'a folder')), None,
+          'Folder of LR images to calibrate the output quantizers `output_quant: auto` adds; `~`: '
+          '`datasets.train.dataroot_lq` of the option file.'),
+    Field('calib_images', Integer(1), 8, 'Calibration images used.'),
+    Field('data', AnyOf(None, Text('path', 'a folder')), None,
+          'Benchmark root (`<Set>/HR`, `<Set>/LRbicx<scale>`) for the parity check; `~`: no parity check.'),
+    Field('sets', TextList('list of sets', 'a list of benchmark set names'), ['Set5'],
+          'Benchmark sets for the parity check.'),
+    Field('exporter', OneOf(EXPORTERS), 'auto',
+          'PyTorch ONNX exporter of the float graph: `dynamo`, `torchscript`, or `auto` (dynamo when onnxscript '
+          'is installed, else TorchScript).'),
+    Field('allow_float', Boolean(), False,
+          'Keep quantized layers the ONNX writer has no integer form for (linear layers) in float arithmetic, '
+          'with a warning, instead of refusing.'),
+    Field('onnx', Boolean(), True, 'Write the ONNX models (false: the compact file only).'),
+    Field('latency_size', Integer(0), 64, 'LR side in pixels of the latency probe (0: none).'),
+], rules=[Rule('`export.format: int4` needs the ONNX model (`export.onnx: true`).', _int4_needs_onnx)],
+    owner='odm-export\'s "export"')
+
 #: The documented sections: name (README marker and key prefix) -> section.
-SECTIONS = {'network_g': QUANTIZED, 'train': ODM_TRAIN}
+SECTIONS = {'network_g': QUANTIZED, 'train': ODM_TRAIN, 'export': EXPORT}
 
 
 def markdown_tables():

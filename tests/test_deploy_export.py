@@ -270,6 +270,45 @@ def test_odm_export_cli(tmp_path, capsys):
         assert os.path.isfile(os.path.join(out, name))
 
 
+def test_odm_export_reads_the_export_section_and_flags_override_it(tmp_path, capsys):
+    """The option file's ``export`` section sets what the flags would (validated strictly, with a hint for a
+    misspelt key, also by odm-train's option check); a flag given overrides it."""
+    import yaml
+
+    from odm_basicsr.export import main
+    from odm_basicsr.utils.option_check import check_options
+    from odm_basicsr.utils.schema import OptionError
+
+    opt, ckpt = _checkpoint(tmp_path, act_grid='aligned', weight_grid='midtread')
+    data = _benchmark(str(tmp_path / 'bench'))
+    options = yaml.safe_load(open(opt))
+    options['export'] = dict(data=data, sets='Tiny', calib=os.path.join(data, 'Tiny', 'LRbicx2'), fp16=True,
+                             onnx=False, latency_size=0)
+    (tmp_path / 'net.yml').write_text(yaml.safe_dump(options))
+    main(['-opt', opt, '--checkpoint', ckpt, '--out', str(tmp_path / 'a')])
+    report = json.load(open(tmp_path / 'a' / 'export.json'))
+    assert report['export_options']['sets'] == ['Tiny'] and report['sizes']['compact_float_dtype'] == 'float16'
+    assert 'onnxruntime' not in report and report['parity']['Tiny']['images'] == 2
+    assert not os.path.exists(tmp_path / 'a' / 'model.onnx')
+    main(['-opt', opt, '--checkpoint', ckpt, '--out', str(tmp_path / 'b'), '--onnx', '--no-fp16'])
+    report = json.load(open(tmp_path / 'b' / 'export.json'))
+    assert report['export_options']['onnx'] is True and report['sizes']['compact_float_dtype'] == 'float32'
+    assert report['onnxruntime']['integer_convs'] == 4
+    capsys.readouterr()
+    options['export'] = dict(fp61=True)
+    (tmp_path / 'net.yml').write_text(yaml.safe_dump(options))
+    with pytest.raises(SystemExit) as e:
+        main(['-opt', opt, '--checkpoint', ckpt, '--out', str(tmp_path / 'c')])
+    assert e.value.code == 2 and '"export.fp61"' in capsys.readouterr().err
+    with pytest.raises(OptionError, match='fp16'):
+        check_options(dict(options, name='x', model_type='QuantSRModel'))
+    options['export'] = dict(format='int4', onnx=False)
+    (tmp_path / 'net.yml').write_text(yaml.safe_dump(options))
+    with pytest.raises(SystemExit):
+        main(['-opt', opt, '--checkpoint', ckpt, '--out', str(tmp_path / 'd')])
+    assert 'int4 is a format of the ONNX model' in capsys.readouterr().err
+
+
 def test_odm_export_errors(tmp_path, capsys):
     from odm_basicsr.export import main
 

@@ -100,7 +100,7 @@ def test_readme_tables_are_the_generated_ones():
         block = text.split(f'<!-- options:{name} -->\n')[1].split(f'\n<!-- /options:{name} -->')[0]
         assert block == table, f'README table "{name}" differs from the schema: run scripts/make_option_tables.py'
     assert update_readme(text) == text
-    assert set(SECTIONS) == {'network_g', 'train'}
+    assert set(SECTIONS) == {'network_g', 'train', 'export'}
     with pytest.raises(ValueError, match='no <!-- options:network_g -->'):
         update_readme('no markers here')
 

@@ -17,7 +17,7 @@ import re
 import odm_basicsr.plugin  # noqa: F401  (BasicSR fixes, and the registries the checks look into, first)
 from basicsr.utils.registry import ARCH_REGISTRY, DATASET_REGISTRY, LOSS_REGISTRY, METRIC_REGISTRY, MODEL_REGISTRY
 
-from odm_basicsr.option_schema import BASICSR_KEYS
+from odm_basicsr.option_schema import BASICSR_KEYS, EXPORT
 from odm_basicsr.utils.schema import OptionError, did_you_mean
 
 __all__ = ['OptionError', 'check_options']
@@ -70,7 +70,9 @@ def check_options(opt, is_train=True):
     _check_float_strings({k: v for k, v in opt.items() if k != 'name'})
     model_cls = MODEL_REGISTRY.get(opt['model_type']) if opt.get('model_type') in MODEL_REGISTRY else None
     train_schema = getattr(model_cls, 'option_schema', None)
-    _check_keys(opt, '')
+    _check_keys(opt, '', extra=('export',))
+    if opt.get('export') is not None:  # odm-export's section: checked here too, so that a typo shows before training
+        EXPORT.validate(opt['export'], where='export')
     for section in ('train', 'val', 'logger', 'path'):
         if not isinstance(opt.get(section), dict):
             continue

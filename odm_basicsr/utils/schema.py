@@ -6,8 +6,9 @@ traiNNer-redux's idea (one strict, typed, described configuration schema) in pla
 * a :class:`Section` is a mapping of fields; it rejects any other key with a "did you mean" hint and the
   list of the keys it accepts (``passthrough`` names keys owned by someone else, e.g. BasicSR's own ``train``
   keys, that are let through unchecked);
-* a kind (:class:`Integer`, :class:`Number`, :class:`Boolean`, :class:`OneOf`, :class:`Patterns`,
-  :class:`Mapping`, :class:`AnyOf` of kinds, or a nested :class:`Section`) checks one value and may normalise it;
+* a kind (:class:`Integer`, :class:`Number`, :class:`Boolean`, :class:`OneOf`, :class:`Patterns`, :class:`Text`,
+  :class:`TextList`, :class:`Mapping`, :class:`AnyOf` of kinds, or a nested :class:`Section`) checks one value and
+  may normalise it;
 * a :class:`Rule` checks fields together (combinations) once every field is valid;
 * a field may carry old names (``renamed_from``): the old key is accepted, its value used under the new name, and a
   deprecation notice returned for the caller to log.
@@ -176,6 +177,31 @@ class Patterns(Kind):
 
     def check(self, value):
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise Invalid(self.expect)
+        return list(value)
+
+
+class Text(Kind):
+    """A non-empty string (a path, a name)."""
+
+    def __init__(self, doc='text', expect='a non-empty string'):
+        self.doc, self.expect = doc, expect
+
+    def check(self, value):
+        if not isinstance(value, str) or not value:
+            raise Invalid(self.expect)
+        return value
+
+
+class TextList(Kind):
+    """A non-empty list of non-empty strings; a single string is read as a list of one."""
+
+    def __init__(self, doc='list of names', expect='a list of names'):
+        self.doc, self.expect = doc, expect
+
+    def check(self, value):
+        value = [value] if isinstance(value, str) else value
+        if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, str) and v for v in value):
             raise Invalid(self.expect)
         return list(value)
 
