@@ -104,8 +104,6 @@ def calibration_images(args, opt_path):
             raise ToolError('--output-quant auto adds output quantizers, which need calibration images: give '
                             '--calib <folder of LR images> (the option file names no training LQ folder here), '
                             'or --output-quant trained')
-    if not os.path.isdir(folder):
-        raise ToolError(f'calibration folder not found: {folder}')
     files = image_files(folder)[:args.calib_images]
     if not files:
         raise ToolError(f'no images in the calibration folder {folder}')
@@ -275,8 +273,9 @@ def run(args):
         session = _export_onnx(args, deployed, report, probe)
     if pairs:
         report['parity'] = {}
+        floor = float64_twin(reference)
         for set_name, set_pairs in pairs.items():
-            rows = parity(net, reference, session, set_pairs, scale, floor=float64_twin(reference))
+            rows = parity(net, reference, session, set_pairs, scale, floor=floor)
             report['parity'][set_name] = dict(
                 images=len(rows), psnr_trained=_mean(rows, 'psnr_trained'), psnr_deploy=_mean(rows, 'psnr_deploy'),
                 psnr_onnxruntime=_mean(rows, 'psnr_onnxruntime'), **_agreement_summary(rows, 'ort_vs_deploy'),
@@ -299,7 +298,7 @@ def run(args):
     with open(os.path.join(args.out, 'export.md'), 'w', encoding='utf-8') as f:
         f.write(md)
     print(md, end='')
-    print(f'written: {args.out}/model.safetensors' + ('' if not args.onnx else ', model.onnx, model_float.onnx')
+    print(f'written: {args.out}/model.safetensors' + (', model.onnx, model_float.onnx' if args.onnx else '')
           + ', export.json, export.md')
     if not reload_identical:
         raise ToolError('the compact file does not reload to the deploy form bit for bit (a bug: please report it)')

@@ -325,6 +325,7 @@ def _rewrite_conv(g, name, layer, target, weight_format, report):
         helper.make_node('QuantizeLinear', [x, s, z], [f'{name}.input_q'], name=f'{name}/input/QuantizeLinear'),
         helper.make_node('Clip', [f'{name}.input_q', lo_name, hi_name], [f'{name}.input_codes'],
                          name=f'{name}/input/Clip')]
+    input_quantizer, input_clip = quantize
     codes_in = f'{name}.input_codes'
     pad = _own_pad(g, conv, x) if layer.padding_mode != 'zeros' else None
     if pad is not None:  # quantize before the Pad: its producer's output then feeds a QuantizeLinear (fusable)
@@ -359,8 +360,6 @@ def _rewrite_conv(g, name, layer, target, weight_format, report):
         after.append(helper.make_node('DequantizeLinear', [codes_out, s, z], [y],
                                       name=f'{name}/output/DequantizeLinear'))
         entry.update(output_zero_point=zp, output_codes=[lo, hi], output_codes_cut=cut)
-    input_quantizer = next(n for n in g.nodes + before if n.name == f'{name}/input/QuantizeLinear')
-    input_clip = next(n for n in g.nodes + before if n.name == f'{name}/input/Clip')
     g.insert(conv, before)
     g.insert(conv, after, after=True)
     report[name] = entry
